@@ -1,0 +1,87 @@
+"""Greedy and beam-search decoding as jitted, batched functions.
+
+Both run a fixed number of steps under `lax.scan` over the whole batch; finished
+sequences keep emitting <pad>, so there is no per-token Python loop.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+NEG = -1e9  # "Impossible" score; finite so that sums never produce NaN.
+
+
+def greedy(apply_fn, variables, features, *, max_len: int, end_id: int, pad_id: int = 0):
+  """B x max_len token ids: argmax at every step, <pad> after <end>."""
+  carry, logits = apply_fn(variables, features, method='start')
+
+  def body(state, _):
+    carry, logits, done = state
+    token = jnp.where(done, pad_id, jnp.argmax(logits, -1)).astype(jnp.int32)
+    done = done | (token == end_id)
+    carry, logits = apply_fn(variables, carry, token, method='step')
+    return (carry, logits, done), token
+
+  done0 = jnp.zeros(logits.shape[:1], bool)
+  _, tokens_TxB = jax.lax.scan(body, (carry, logits, done0), None, length=max_len)
+  return tokens_TxB.T
+
+
+def length_penalty(length, alpha: float):
+  """GNMT's ((5 + length) / 6) ** alpha; alpha=0 ranks by total log-probability."""
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+def beam_search(apply_fn, variables, features, *, beam_size: int, max_len: int,
+                end_id: int, pad_id: int = 0, alpha: float = 0.6):
+  """B x max_len token ids of the best beam after length normalisation."""
+  k = beam_size
+  carry, logits = apply_fn(variables, features, method='start')
+  b, v = logits.shape
+  tile = lambda x: jnp.repeat(x, k, axis=0)  # B x ... -> (B*K) x ...
+  carry, logits = jax.tree.map(tile, carry), tile(logits)
+  # Only beam 0 is live at the start, so the first step picks K distinct words.
+  scores = jnp.tile(jnp.array([0.0] + [NEG] * (k - 1)), (b, 1))
+  pad_row = jnp.full((v,), NEG).at[pad_id].set(0.0)
+
+  def body(state, t):
+    carry, logits, seqs, scores, done, lengths = state
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(b, k, v)
+    logp = jnp.where(done[..., None], pad_row, logp)  # Finished beams only pad, for free.
+    cand = (scores[..., None] + logp).reshape(b, k * v)
+    scores, flat = jax.lax.top_k(cand, k)
+    beam, token = flat // v, (flat % v).astype(jnp.int32)
+    pick = lambda x: jnp.take_along_axis(x, beam.reshape(b, k, *([1] * (x.ndim - 2))), 1)
+    was_done = pick(done)
+    seqs = pick(seqs).at[:, :, t].set(token)
+    lengths = pick(lengths) + (~was_done).astype(jnp.int32)
+    done = was_done | (token == end_id)
+    rows = (jnp.arange(b)[:, None] * k + beam).reshape(-1)
+    carry = jax.tree.map(lambda x: x[rows], carry)
+    carry, logits = apply_fn(variables, carry, token.reshape(-1), method='step')
+    return (carry, logits, seqs, scores, done, lengths), None
+
+  init = (carry, logits, jnp.full((b, k, max_len), pad_id, jnp.int32), scores,
+          jnp.zeros((b, k), bool), jnp.zeros((b, k), jnp.int32))
+  (_, _, seqs, scores, _, lengths), _ = jax.lax.scan(body, init, jnp.arange(max_len))
+  best = jnp.argmax(scores / length_penalty(lengths.astype(jnp.float32), alpha), -1)
+  return jnp.take_along_axis(seqs, best[:, None, None], 1)[:, 0]
+
+
+def make_captioner_fn(model, *, method: str, max_len: int, end_id: int,
+                      beam_size: int = 1, alpha: float = 0.6):
+  """jit(variables, images) -> B x max_len ids, encoding and decoding in one program."""
+  if method not in ('greedy', 'beam'):
+    raise ValueError(f"config.eval.decoding={method!r} must be 'greedy' or 'beam'.")
+
+  @jax.jit
+  def run(variables, images):
+    features = model.apply(variables, images, method='encode')
+    if method == 'greedy':
+      return greedy(model.apply, variables, features, max_len=max_len, end_id=end_id)
+    return beam_search(model.apply, variables, features, beam_size=beam_size,
+                       max_len=max_len, end_id=end_id, alpha=alpha)
+
+  return run

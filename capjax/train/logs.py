@@ -1,0 +1,73 @@
+"""Metrics to `metrics.jsonl` and TensorBoard, and human progress lines."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+from absl import logging
+
+
+class MetricWriter:
+  """Appends {'step', 'split', **metrics} rows; only process 0 writes."""
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = None
+    if self.active:
+      from tensorboardX import SummaryWriter  # Light, TF-free event writer.
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, split: str, metrics: dict) -> None:
+    if not self.active:
+      return
+    row = {'step': int(step), 'split': split, **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+    for k, v in metrics.items():
+      self._tb.add_scalar(f'{split}/{k}', float(v), int(step))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """Rows of metrics.jsonl; a resumed run's repeated steps keep their last value."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  rows = {}
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:  # A line cut short by a kill.
+          continue
+        rows[(row['split'], row['step'])] = row
+  return sorted(rows.values(), key=lambda r: (r['split'], r['step']))
+
+
+class Progress:
+  """Steps/s over the last report window and an ETA for the run."""
+
+  def __init__(self, start_step: int, total_steps: int):
+    self.total = total_steps
+    self.last_step, self.last_time = start_step, time.perf_counter()
+
+  def line(self, step: int, metrics: dict) -> str:
+    now = time.perf_counter()
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    eta = (self.total - step) / max(rate, 1e-9)
+    shown = ' '.join(f'{k}={float(v):.4f}' for k, v in metrics.items())
+    return (f'step {step}/{self.total} {shown} | {rate:.2f} steps/s | '
+            f'ETA {int(eta // 60)}m{int(eta % 60):02d}s')
+
+
+def log_progress(progress: Progress, step: int, metrics: dict) -> None:
+  logging.info('%s', progress.line(step, metrics))
