@@ -9,6 +9,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from capjax.errors import UserError
 
 NEG = -1e9  # "Impossible" score; finite so that sums never produce NaN.
 
@@ -74,7 +75,7 @@ def make_captioner_fn(model, *, method: str, max_len: int, end_id: int,
                       beam_size: int = 1, alpha: float = 0.6):
   """jit(variables, images) -> B x max_len ids, encoding and decoding in one program."""
   if method not in ('greedy', 'beam'):
-    raise ValueError(f"config.eval.decoding={method!r} must be 'greedy' or 'beam'.")
+    raise UserError(f"config.eval.decoding={method!r} must be 'greedy' or 'beam'.")
 
   @jax.jit
   def run(variables, images):

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from capjax.data.tokenizer import Vocabulary
+from capjax.errors import UserError
 
 
 def _text(x) -> str:
@@ -71,7 +72,7 @@ def caption_eval_dataset(source: Sequence[dict], vocab: Vocabulary, *,
 
 def _local_batch_size(batch_size: int) -> int:
   if batch_size % jax.process_count():
-    raise ValueError(f'config.train.batch_size={batch_size} must be divisible by the '
+    raise UserError(f'config.train.batch_size={batch_size} must be divisible by the '
                      f'number of processes ({jax.process_count()}).')
   return batch_size // jax.process_count()
 

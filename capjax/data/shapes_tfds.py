@@ -69,7 +69,9 @@ class CapjaxShapes(tfds.core.GeneratorBasedBuilder):
 
 def prepare(data_dir: str | None, **params) -> CapjaxShapes:
   """Generates the data set once (a no-op when it is already on disk)."""
-  builder = CapjaxShapes(config=shapes_config(**params), data_dir=data_dir,
-                         file_format='array_record')
+  config = shapes_config(**params)
+  if config.name in CapjaxShapes.builder_configs:  # TFDS wants registered ones by name.
+    config = config.name
+  builder = CapjaxShapes(config=config, data_dir=data_dir, file_format='array_record')
   builder.download_and_prepare()
   return builder

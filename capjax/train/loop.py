@@ -18,6 +18,7 @@ from capjax.data import pipeline
 from capjax.train import checkpoint, logs, sharding
 from capjax.train import state as state_lib
 from capjax.train.optim import make_optimizer
+from capjax.errors import UserError
 
 
 @dataclasses.dataclass
@@ -138,5 +139,5 @@ def total_steps(config, train_size: int) -> int:
   if config.train.get('epochs'):
     return max(1, int(config.train.epochs * train_size // config.train.batch_size))
   if config.train.steps <= 0:
-    raise ValueError(f'config.train.steps={config.train.steps} must be positive.')
+    raise UserError(f'config.train.steps={config.train.steps} must be positive.')
   return int(config.train.steps)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import optax
+from capjax.errors import UserError
 
 
 def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
@@ -17,7 +18,7 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     opt = optax.chain(optax.add_decayed_weights(config.weight_decay),
                       optax.sgd(schedule, momentum=config.momentum, nesterov=True))
   else:
-    raise ValueError(f"config.optim.name={config.name!r} is not supported; "
+    raise UserError(f"config.optim.name={config.name!r} is not supported; "
                      "use 'adamw' or 'sgd'.")
   if config.grad_clip_norm:
     opt = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), opt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from capjax.errors import UserError
 
 
 def make_mesh() -> Mesh:
@@ -30,5 +31,5 @@ def put_batch(local_batch: dict, mesh: Mesh) -> dict:
 
 def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:
   if batch_size % mesh.size:
-    raise ValueError(f'{field}={batch_size} must be a multiple of the number of '
+    raise UserError(f'{field}={batch_size} must be a multiple of the number of '
                      f'devices ({mesh.size}); change it or run on fewer devices.')
