@@ -33,18 +33,27 @@ def load_splits(config) -> dict:
 
 
 def build_model(config, vocab_size: int) -> Captioner:
+  """The captioner named by config.model.encoder / config.model.decoder."""
   m = config.model
   dtype = jnp.dtype(m.dtype)
-  encoders = {'shapes_cnn': cnn.CaptionEncoder, 'tiny_cnn': cnn.CaptionEncoderTiny}
-  if m.encoder not in encoders:
-    raise UserError(f'config.model.encoder={m.encoder!r} is unknown; use one of '
-                     f'{sorted(encoders)}.')
-  enc = encoders[m.encoder](dtype=dtype) if m.encoder != 'shapes_cnn' else encoders[
-      m.encoder](widths=tuple(m.widths), strides=tuple(m.strides), dtype=dtype)
-  if m.decoder != 'inject':
-    raise UserError(f"config.model.decoder={m.decoder!r} is unknown; use 'inject'.")
-  dec = decoder.InjectDecoder(vocab_size, embed_dim=m.embed_dim, hidden=m.hidden,
-                              dropout=m.dropout, pool=m.pool, dtype=dtype)
+  if m.encoder == 'shapes_cnn':
+    enc = cnn.CaptionEncoder(widths=tuple(m.widths), strides=tuple(m.strides), norm=m.norm,
+                             dtype=dtype)
+  elif m.encoder == 'tiny_cnn':
+    enc = cnn.CaptionEncoderTiny(dtype=dtype)
+  else:
+    raise UserError(f"config.model.encoder={m.encoder!r} is unknown; use 'shapes_cnn' or "
+                    "'tiny_cnn'.")
+  if m.decoder == 'inject':
+    dec = decoder.InjectDecoder(vocab_size, embed_dim=m.embed_dim, hidden=m.hidden,
+                                dropout=m.dropout, pool=m.pool, every_step=m.every_step,
+                                dtype=dtype)
+  elif m.decoder == 'attention':
+    dec = decoder.AttentionDecoder(vocab_size, embed_dim=m.embed_dim, hidden=m.hidden,
+                                   attn_dim=m.attn_dim, dropout=m.dropout, dtype=dtype)
+  else:
+    raise UserError(f"config.model.decoder={m.decoder!r} is unknown; use 'inject' or "
+                    "'attention'.")
   return Captioner(enc, dec)
 
 
@@ -79,8 +88,14 @@ def scene_accuracy(source):
   return score
 
 
-def _sample_inputs(config, vocab_size: int):
-  s = config.shapes.image_size
+def image_size(config) -> int:
+  """The square side images are fed at."""
+  return config.shapes.image_size
+
+
+def sample_inputs(config):
+  """Dummy (images, tokens) that fix the model's parameter shapes at init."""
+  s = image_size(config)
   return (jnp.zeros((1, s, s, 3), jnp.uint8),
           jnp.zeros((1, config.data.caption_length), jnp.int32))
 
@@ -103,8 +118,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
       caption_length=config.data.caption_length)
   from capjax.train import sharding
   mesh = sharding.make_mesh()
-  job = loop.Job(model=model, sample_inputs=_sample_inputs(config, len(vocab)),
-                 train_data=train_data, train_step=steps.caption_train_step,
+  job = loop.Job(model=model, sample_inputs=sample_inputs(config),
+                 train_data=train_data,
+                 train_step=functools.partial(steps.caption_train_step,
+                                              attention_reg=config.model.attention_reg),
                  validate=lambda st: caption_eval.teacher_forced_metrics(st, val_data, mesh),
                  total_steps=total)
   outcome = loop.train(job, config, workdir)
@@ -119,4 +136,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
   split = config.eval.split
   scorer = scene_accuracy(splits[split]) if config.dataset == 'shapes' else None
   return caption_eval.evaluate(model, outcome.state, vocab, splits[split], config=config,
+                               workdir=workdir, split=split, scene_accuracy=scorer)
+
+
+def evaluate_workdir(config, workdir: str) -> dict:
+  """`--mode=eval`: scores the workdir's newest checkpoint on config.eval.split."""
+  from capjax.train import checkpoint
+  from capjax.train.optim import make_optimizer
+  splits = load_splits(config)
+  vocab = Vocabulary.load(os.path.join(workdir, 'vocab.json'))
+  model = build_model(config, len(vocab))
+  state = checkpoint.restore_for_inference(workdir, model, make_optimizer(config.optim, 1),
+                                           jax.random.key(0), *sample_inputs(config))
+  split = config.eval.split
+  scorer = scene_accuracy(splits[split]) if config.dataset == 'shapes' else None
+  return caption_eval.evaluate(model, state, vocab, splits[split], config=config,
                                workdir=workdir, split=split, scene_accuracy=scorer)

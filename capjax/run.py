@@ -5,7 +5,6 @@ import logging as std_logging
 
 from absl import logging
 
-from capjax.data.errors import DataError
 from capjax.errors import UserError
 
 
@@ -19,21 +18,20 @@ def main(config, workdir: str, mode: str, images=()) -> None:
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
   logging.get_absl_handler().addFilter(_quiet_libraries)
-  try:
-    if mode == 'predict':
-      from capjax import predict
-      predict.main(workdir, images)
-      return
-    if config is None:
-      raise UserError('--config is required for --mode=train/eval (e.g. '
-                       '--config=configs/caption.py).')
-    if config.task == 'caption':
-      from capjax import caption_task as task
-    else:
-      raise UserError(f'config.task={config.task!r} is unknown.')
-    if mode == 'train':
-      task.train_and_evaluate(config, workdir)
-    else:
-      task.evaluate_workdir(config, workdir)
-  except DataError as e:  # The readers' own user-facing error type.
-    raise UserError(str(e)) from e
+  if mode == 'predict':
+    from capjax import predict
+    predict.main(workdir, images)
+    return
+  if config is None:
+    raise UserError('--config is required for --mode=train/eval (e.g. '
+                    '--config=configs/caption.py).')
+  if config.task == 'caption':
+    from capjax import caption_task as task
+  elif config.task == 'classify':
+    from capjax import classify_task as task
+  else:
+    raise UserError(f'config.task={config.task!r} is unknown.')
+  if mode == 'train':
+    task.train_and_evaluate(config, workdir)
+  else:
+    task.evaluate_workdir(config, workdir)

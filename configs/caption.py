@@ -26,7 +26,8 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict(dict(
       encoder=arg.encoder, decoder=arg.decoder, widths=(64, 64, 128, 128),
-      strides=(1, 1, 2, 1), embed_dim=128, hidden=256, pool='flatten', dropout=0.0,
+      strides=(1, 1, 2, 1), norm=True, every_step=True, embed_dim=128, hidden=256, pool='flatten', dropout=0.0, attn_dim=128,
+      attention_reg=0.01,
       dtype='float32'))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -20,8 +20,10 @@ from typing import Callable, NamedTuple
 
 from absl import logging
 
+from capjax.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
   """A problem with the user's data or data config; the message says what to do about it."""
 
 

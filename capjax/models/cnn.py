@@ -35,19 +35,24 @@ class CaptionEncoder(nn.Module):
   widths: Sequence[int] = (64, 64, 128, 128)
   strides: Sequence[int] = (1, 1, 2, 1)
   patch: int = 4
+  norm: bool = True
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, images_BxHxWx3: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     del train  # No dropout or batch statistics in this encoder.
+    # LayerNorm (per position, no batch statistics) keeps every layer's output at
+    # unit scale, so image features reach the LSTM as strongly as word embeddings.
+    norm = (lambda name: nn.LayerNorm(dtype=self.dtype, name=name)) if self.norm else (
+        lambda name: lambda x: x)
     x = images_BxHxWx3.astype(self.dtype) / 127.5 - 1.0
     x = space_to_depth(x, self.patch)
-    x = nn.relu(nn.Dense(self.widths[0], dtype=self.dtype, name='stem')(x))
+    x = nn.relu(norm('stem_norm')(nn.Dense(self.widths[0], dtype=self.dtype, name='stem')(x)))
     for i, (width, stride) in enumerate(zip(self.widths[1:], self.strides[1:])):
       x = self.conv(width, (3, 3), strides=stride, padding='SAME', dtype=self.dtype,
                     name=f'conv{i + 1}')(x)
-      x = nn.relu(x)
+      x = nn.relu(norm(f'norm{i + 1}')(x))
     return x
 
 

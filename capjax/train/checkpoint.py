@@ -44,3 +44,21 @@ def restore_latest(mngr: ocp.CheckpointManager, target_state
       continue
     return restored['state'], dict(restored['data']), step
   return None
+
+
+def restore_for_inference(workdir: str, model, tx, rng, *sample_inputs):
+  """The newest readable train state in `workdir`, for eval/predict (no resume)."""
+  from capjax.errors import UserError
+  from capjax.train import state as state_lib
+  template = jax.eval_shape(lambda: state_lib.create(model, tx, rng, *sample_inputs))
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    raise UserError(f'{directory} does not exist: train a model with --workdir={workdir} '
+                    'first.')
+  mngr = manager(workdir, keep=1, async_save=False)
+  restored = restore_latest(mngr, template)
+  mngr.close()
+  if restored is None:
+    raise UserError(f'No readable checkpoint in {directory}: train (or resume) with '
+                    f'--workdir={workdir} first.')
+  return restored[0]

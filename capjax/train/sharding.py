@@ -7,8 +7,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from capjax.errors import UserError
 
 
-def make_mesh() -> Mesh:
-  return Mesh(np.asarray(jax.devices()), ('data',))
+def make_mesh(devices=None) -> Mesh:
+  """All devices of all processes (or `devices`) on one 'data' axis."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), ('data',))
 
 
 def replicated(mesh: Mesh):

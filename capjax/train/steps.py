@@ -19,23 +19,36 @@ def masked_token_stats(logits_BxTxV, targets_BxT, weights_BxT=None):
   return (ce * mask).sum(), (correct * mask).sum(), mask.sum()
 
 
-def caption_train_step(state: TrainState, batch: dict, rng: jax.Array):
-  """One AdamW step of teacher-forced next-word prediction.
+def doubly_stochastic_penalty(alphas_BxTxN, mask_BxT):
+  """Show-Attend-Tell's regulariser: each grid cell's attention summed over the
+  caption's words should be ~1, i.e. every region gets looked at about once."""
+  total_BxN = (alphas_BxTxN * mask_BxT[..., None]).sum(1)
+  return ((1.0 - total_BxN) ** 2).sum(-1).mean()
+
+
+def caption_train_step(state: TrainState, batch: dict, rng: jax.Array,
+                       attention_reg: float = 0.0):
+  """One optimizer step of teacher-forced next-word prediction.
 
   `rng` is folded with the step so that dropout is a pure function of
   (seed, step): a resumed run draws exactly the masks it would have drawn.
   """
   dropout_rng = jax.random.fold_in(rng, state.step)
   tokens = batch['tokens']
+  targets = tokens[:, 1:]
 
   def loss_fn(params):
-    logits = state.apply_fn({'params': params}, batch['image'], tokens, train=True,
-                            rngs={'dropout': dropout_rng})
-    ce, correct, count = masked_token_stats(logits, tokens[:, 1:])
+    logits, inter = state.apply_fn({'params': params}, batch['image'], tokens, train=True,
+                                   rngs={'dropout': dropout_rng}, mutable=['intermediates'])
+    ce, correct, count = masked_token_stats(logits, targets)
     count = jnp.maximum(count, 1.0)
-    return ce / count, correct / count
+    loss = ce / count
+    attention = jax.tree.leaves(inter.get('intermediates', {}))
+    penalty = (doubly_stochastic_penalty(attention[0], (targets != 0).astype(jnp.float32))
+               if attention else jnp.zeros(()))
+    return loss + attention_reg * penalty, (loss, correct / count)
 
-  (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (_, (loss, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads)
   metrics = {'loss': loss, 'token_accuracy': acc, 'grad_norm': optax.global_norm(grads)}
   return new_state, metrics

@@ -1,0 +1,127 @@
+"""Image classifiers trained from scratch: a plain CNN and a residual CNN for small images.
+
+Both take normalised float images B x H x W x C (the grain pipeline normalises with the
+training split's channel statistics) and return float32 logits B x num_classes. Both use
+BatchNorm, so applying them in training needs `mutable=['batch_stats']`; the train state
+keeps the statistics (`TrainState.batch_stats`).
+
+Presets are `functools.partial`s of the two classes, including tiny ones only tests use.
+`SimpleCNN` is exactly the throughput benchmark's model (bench/torch_peer.py `simple_cnn`):
+4 stages x (conv3x3 no-bias -> BN -> ReLU) x 2 -> maxpool 2, widths 32/64/128/256, global
+average pool, dense. BatchNorm momentum 0.9 and epsilon 1e-5 are PyTorch's defaults
+(PyTorch's momentum 0.1 weights the new batch; Flax's 0.9 weights the running value).
+
+`conv` is a module field so a faster, numerically identical convolution
+(`capjax.models.layers.Conv`) can replace `nn.Conv` from the config without touching the
+models; it must accept nn.Conv's constructor arguments.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ModuleDef = Any
+
+# He initialisation for convs followed by ReLU (as torchvision's ResNets): Flax's default
+# LeCun init halves the activation variance at every conv+ReLU, which slows the first epochs.
+_CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+class CNN(nn.Module):
+  """Stages of `convs_per_stage` x (conv3x3 no-bias -> BN -> ReLU), each then maxpool 2.
+
+  Layer names: stage{s}_conv{j}, stage{s}_bn{j} (1-based), head.
+  """
+  num_classes: int
+  widths: Sequence[int] = (32, 64, 128, 256)
+  convs_per_stage: int = 2
+  dropout: float = 0.0
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                             dtype=self.dtype)
+    x = x_BxHxWxC.astype(self.dtype)
+    for s, width in enumerate(self.widths, start=1):
+      for j in range(1, self.convs_per_stage + 1):
+        x = self.conv(width, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype,
+                      kernel_init=_CONV_INIT, name=f'stage{s}_conv{j}')(x)
+        x = nn.relu(norm(name=f'stage{s}_bn{j}')(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x_BxD = jnp.mean(x, axis=(1, 2))
+    x_BxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxD)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x_BxD)
+    return logits.astype(jnp.float32)
+
+
+class ResidualCNN(nn.Module):
+  """A ResNet of basic blocks sized for 32-64 pixel inputs.
+
+  Stem: one conv3x3 with `stem_stride` (2 for 64x64 inputs: the first stage then runs at
+  32x32, a quarter of the compute, and 64x64 Tiny ImageNet images carry little detail at
+  full resolution) -> BN -> ReLU. Then stages of `stage_sizes[i]` basic blocks
+  (conv3x3 -> BN -> ReLU -> conv3x3 -> BN, plus shortcut) of width `widths[i]`; every stage
+  after the first halves the resolution in its first block, whose shortcut is a strided
+  1x1 conv + BN. The last BN of each block starts at zero scale, so every block starts as
+  the identity (Goyal et al. 2017), which lets the deeper net train at a high learning rate
+  from the first step.
+  """
+  num_classes: int
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  widths: Sequence[int] = (64, 128, 256, 512)
+  stem_width: int = 32
+  stem_stride: int = 2
+  dropout: float = 0.0
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
+                             kernel_init=_CONV_INIT)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                             dtype=self.dtype)
+    x = x_BxHxWxC.astype(self.dtype)
+    x = conv(self.stem_width, (3, 3), strides=self.stem_stride, padding='SAME', name='stem_conv')(x)
+    x = nn.relu(norm(name='stem_bn')(x))
+    for s, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths), start=1):
+      for b in range(1, blocks + 1):
+        stride = 2 if s > 1 and b == 1 else 1
+        p = f'stage{s}_block{b}'
+        y = conv(width, (3, 3), strides=stride, padding='SAME', name=f'{p}_conv1')(x)
+        y = nn.relu(norm(name=f'{p}_bn1')(y))
+        y = conv(width, (3, 3), padding='SAME', name=f'{p}_conv2')(y)
+        y = norm(name=f'{p}_bn2', scale_init=nn.initializers.zeros)(y)
+        if x.shape[-1] != width or stride != 1:
+          x = conv(width, (1, 1), strides=stride, name=f'{p}_proj_conv')(x)
+          x = norm(name=f'{p}_proj_bn')(x)
+        x = nn.relu(x + y)
+    x_BxD = jnp.mean(x, axis=(1, 2))
+    x_BxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxD)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x_BxD)
+    return logits.astype(jnp.float32)
+
+
+# The benchmark's model (bench/torch_peer.py): 1,180,926 parameters with 30 classes.
+SimpleCNN = functools.partial(CNN, widths=(32, 64, 128, 256), convs_per_stage=2)
+# A ResNet-18-like layout (2 basic blocks per stage) for 64x64 inputs, stem stride 2.
+ResNet18Small = functools.partial(ResidualCNN, stage_sizes=(2, 2, 2, 2),
+                                  widths=(64, 128, 256, 512), stem_width=32, stem_stride=2)
+# Tiny presets for tests: the same structure at a fraction of the compute.
+CNNTiny = functools.partial(CNN, widths=(4, 8), convs_per_stage=1)
+ResidualCNNTiny = functools.partial(ResidualCNN, stage_sizes=(1, 1), widths=(4, 8),
+                                    stem_width=4, stem_stride=1)
+
+PRESETS = {'simple_cnn': SimpleCNN, 'resnet': ResNet18Small, 'cnn': CNN,
+           'residual_cnn': ResidualCNN, 'tiny_cnn': CNNTiny, 'tiny_resnet': ResidualCNNTiny}
