@@ -28,9 +28,9 @@ COLOURS = {
 SIZES = ('small', 'large')
 LAYOUTS = ('row', 'column')  # row: relations left/right; column: above/below.
 
-# Radii as a fraction of the image side; small and large differ by ~1.8x so size
-# stays readable after the colour jitter and noise.
-_RADIUS = {'small': 0.085, 'large': 0.155}
+# Radii as a fraction of the image side: a small object is still ~14 px across at 64x64
+# (enough to tell a star from a diamond), and three large ones fit in a row.
+_RADIUS = {'small': 0.11, 'large': 0.16}
 
 _SIZE_WORDS = {'small': ('small', 'little'), 'large': ('large', 'big')}
 

@@ -32,7 +32,7 @@ def shapes_config(image_size: int, num_train: int, num_validation: int,
 class CapjaxShapes(tfds.core.GeneratorBasedBuilder):
   """Procedural scenes of 1-3 coloured shapes with 5 grammar captions each."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('1.1.0')  # 1.1.0: larger small objects.
   BUILDER_CONFIGS = [shapes_config(64, 20000, 500, 1000, 0)]
 
   def _info(self) -> tfds.core.DatasetInfo:

@@ -1,4 +1,4 @@
-"""LSTM caption decoders (Show-and-Tell "init-inject").
+"""LSTM caption decoders: init-/par-inject (Show and Tell), merge, and Show-Attend-Tell.
 
 Training runs the whole sequence with teacher forcing under `nn.scan`; decoding
 calls the very same cell one step at a time (`start` + `step`), so greedy and beam
@@ -82,6 +82,84 @@ class InjectDecoder(nn.Module):
     return (carry, v_BxE), self.out(h)
 
 
+def _pool(features):
+  """B x C from a grid B x h x w x C (mean over positions) or from already pooled B x C."""
+  return features.reshape(features.shape[0], -1, features.shape[-1]).mean(1)
+
+
+class MergeDecoder(nn.Module):
+  """The "merge" architecture of the Keras seed (Tanti et al., 2018): the LSTM reads only words;
+  the image vector joins the LSTM's output (added, or concatenated) before the word classifier.
+
+  Because the image never enters the recurrence, the LSTM is a pure language model and the image
+  only re-weights its next-word guesses; the pooled (mean) feature is all it needs, so a frozen
+  encoder's cache can store 2048-d vectors instead of grids.
+  """
+  vocab_size: int
+  embed_dim: int = 128
+  hidden: int = 256
+  merge: str = 'add'  # 'add' (the Keras seed) or 'concat'.
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.merge not in ('add', 'concat'):
+      raise ValueError(f"merge={self.merge!r} must be 'add' or 'concat'")
+    self.image_proj = nn.Dense(self.hidden, dtype=self.dtype, name='image_proj')
+    self.embed = nn.Embed(self.vocab_size, self.embed_dim, name='embed')
+    self.cell = nn.OptimizedLSTMCell(self.hidden, dtype=self.dtype, name='lstm')
+    self.mix = nn.Dense(self.hidden, dtype=self.dtype, name='mix')
+    self.drop = nn.Dropout(self.dropout)
+    self.out = nn.Dense(self.vocab_size, dtype=jnp.float32, name='out')
+
+  def _image(self, features, train: bool):
+    pooled = self.drop(_pool(features), deterministic=not train)
+    return nn.relu(self.image_proj(pooled))
+
+  def _logits(self, h, v, train: bool):
+    v = v.astype(h.dtype)
+    merged = h + v if self.merge == 'add' else jnp.concatenate([h, v], -1)
+    return self.out(self.drop(nn.relu(self.mix(merged)), deterministic=not train))
+
+  def _zero_carry(self, batch: int):
+    zeros = jnp.zeros((batch, self.hidden), self.dtype)
+    return zeros, zeros
+
+  def __call__(self, features, tokens_BxL, train: bool = False):
+    """Logits B x (L-1) x V for tokens[:, 1:], reading tokens[:, :-1] (from <start>)."""
+    v_BxH = self._image(features, train)
+    xs = self.drop(self.embed(tokens_BxL[:, :-1]), deterministic=not train)
+    _, hs_BxTxH = _scan_cell(self.cell, self._zero_carry(tokens_BxL.shape[0]), xs)
+    v_Bx1xH = v_BxH[:, None, :]
+    return self._logits(hs_BxTxH, jnp.broadcast_to(v_Bx1xH, hs_BxTxH.shape[:2] + v_BxH.shape[-1:]),
+                        train)
+
+  def start(self, features):
+    """(state, logits of the first word): the LSTM reads <start> (id 1) from a zero state."""
+    v_BxH = self._image(features, False)
+    start_B = jnp.full(features.shape[:1], 1, jnp.int32)
+    return self.step((self._zero_carry(features.shape[0]), v_BxH), start_B)
+
+  def step(self, state, token_B):
+    """(state, logits of the next word) after feeding `token_B`."""
+    carry, v_BxH = state
+    carry, h = self.cell(carry, self.embed(token_B))
+    return (carry, v_BxH), self._logits(h, v_BxH, False)
+
+
+def grid_position_features(h: int, w: int, frequencies: int = 4) -> jnp.ndarray:
+  """(h*w) x (8*frequencies) sin/cos of each cell's (x, y) centre in [-1, 1].
+
+  Convolutions are translation invariant, so without these the attention could not
+  tell "the object on the left" from "the object on the right".
+  """
+  ys, xs = jnp.meshgrid((jnp.arange(h) + 0.5) / h * 2 - 1, (jnp.arange(w) + 0.5) / w * 2 - 1,
+                        indexing='ij')
+  scales = jnp.pi * 2.0 ** jnp.arange(frequencies) / 2
+  angles = jnp.concatenate([xs.reshape(-1, 1) * scales, ys.reshape(-1, 1) * scales], -1)
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1)
+
+
 class AttendStep(nn.Module):
   """One step of Show, Attend and Tell: attend over the grid, then an LSTM step."""
   hidden: int
@@ -131,6 +209,10 @@ class AttentionDecoder(nn.Module):
     grid_BxNxC = features.reshape(b, -1, c)
     mean = grid_BxNxC.mean(1)
     carry = (jnp.tanh(self.init_c(mean)), jnp.tanh(self.init_h(mean)))
+    if features.ndim == 4:  # A grid: tell keys and values where each cell is.
+      pos_NxP = grid_position_features(*features.shape[1:3]).astype(grid_BxNxC.dtype)
+      grid_BxNxC = jnp.concatenate(
+          [grid_BxNxC, jnp.broadcast_to(pos_NxP, (b,) + pos_NxP.shape)], -1)
     return carry, self.keys(grid_BxNxC), self.values(grid_BxNxC)
 
   def __call__(self, features, tokens_BxL, train: bool = False):
