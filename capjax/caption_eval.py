@@ -1,29 +1,60 @@
-"""Evaluation of a trained captioner on one split: losses, decoding, caption metrics."""
+"""Evaluation of a trained captioner on one split: losses, decoding, caption metrics, figures."""
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import os
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from capjax import decoding
+from capjax import decoding, distributed
 from capjax.data import pipeline
 from capjax.data.tokenizer import Vocabulary
 from capjax.metrics.caption import caption_metrics, cosine_similarity
 from capjax.train import sharding, steps
 
 
-def teacher_forced_metrics(state, dataset, mesh) -> dict:
+@dataclasses.dataclass
+class SplitInputs:
+  """What one split feeds the model.
+
+  Attributes:
+    source: random access to {input_key or 'image', 'captions', ...}.
+    input_key: 'image' (pixels or encoded bytes, through `image_fn`) or 'features' (cached).
+    image_fn: example -> uint8 image, when the source's images need decoding.
+    image: index -> uint8 image, for figures (samples, attention maps).
+    max_refs: references per image in eval batches (images with fewer get padding rows).
+  """
+  source: Sequence[dict]
+  input_key: str = 'image'
+  image_fn: Optional[Callable[[Any], np.ndarray]] = None
+  image: Optional[Callable[[int], np.ndarray]] = None
+  max_refs: Optional[int] = None
+
+  def eval_dataset(self, vocab: Vocabulary, *, batch_size: int, caption_length: int):
+    return pipeline.caption_eval_dataset(
+        self.source, vocab, batch_size=batch_size, caption_length=caption_length,
+        image_fn=self.image_fn, input_key=self.input_key, max_refs=self.max_refs)
+
+
+def variables_of(state) -> dict:
+  """Model variables of a train state: params, plus BatchNorm statistics when there are any."""
+  if state.batch_stats:
+    return {'params': state.params, 'batch_stats': state.batch_stats}
+  return {'params': state.params}
+
+
+def teacher_forced_metrics(state, dataset, mesh, input_key: str = 'image') -> dict:
   """Loss, perplexity and token accuracy over every reference, <pad> excluded."""
   eval_fn = jax.jit(steps.caption_eval_step)
   totals = {'loss_sum': 0.0, 'correct_sum': 0.0, 'token_count': 0.0}
   for batch in dataset:
-    batch = sharding.put_batch({k: batch[k] for k in ('image', 'tokens', 'valid')}, mesh)
+    batch = sharding.put_batch({k: batch[k] for k in (input_key, 'tokens', 'valid')}, mesh)
     out = jax.device_get(eval_fn(state, batch))
     totals = {k: totals[k] + float(out[k]) for k in totals}
   count = max(totals['token_count'], 1.0)
@@ -32,33 +63,86 @@ def teacher_forced_metrics(state, dataset, mesh) -> dict:
           'token_accuracy': totals['correct_sum'] / count}
 
 
-def generate(model, variables, vocab: Vocabulary, images_iter, *, config) -> dict:
-  """{index: caption} decoded with config.eval's method for every (image, index) batch."""
-  run = decoding.make_captioner_fn(
-      model, method=config.eval.decoding, max_len=config.data.caption_length - 1,
-      end_id=vocab.end_id, beam_size=config.eval.beam_size, alpha=config.eval.length_alpha)
+def make_decode_fn(model, vocab: Vocabulary, *, config, from_features: bool):
+  """jit(variables, images or features) -> B x max_len ids with config.eval's method."""
+  kwargs = dict(method=config.eval.decoding, max_len=config.data.caption_length - 1,
+                end_id=vocab.end_id, beam_size=config.eval.beam_size,
+                alpha=config.eval.length_alpha)
+  if not from_features:
+    return decoding.make_captioner_fn(model, **kwargs)
+  decoding.make_captioner_fn(model, **kwargs)  # Validates the method name, nothing else.
+
+  @jax.jit
+  def run(variables, features):
+    if kwargs['method'] == 'greedy':
+      return decoding.greedy(model.apply, variables, features, max_len=kwargs['max_len'],
+                             end_id=vocab.end_id)
+    return decoding.beam_search(model.apply, variables, features, beam_size=kwargs['beam_size'],
+                                max_len=kwargs['max_len'], end_id=vocab.end_id,
+                                alpha=kwargs['alpha'])
+
+  return run
+
+
+def generate(model, variables, vocab: Vocabulary, batches, *, config,
+             from_features: bool = False) -> dict:
+  """{index: caption} decoded with config.eval's method for every (inputs, index, valid)."""
+  run = make_decode_fn(model, vocab, config=config, from_features=from_features)
   out = {}
-  for images, indices, valid in images_iter:
-    ids = np.asarray(jax.device_get(run(variables, images)))
+  for inputs, indices, valid in batches:
+    # With several processes each decodes its rows; gather them all (and the matching index
+    # and valid rows) so every process scores the whole split and process 0 writes it.
+    ids, indices, valid = (distributed.to_host(x) for x in (run(variables, inputs), indices,
+                                                               valid))
     for row, index, ok in zip(ids, indices, valid):
       if ok:
         out[int(index)] = vocab.decode(row)
   return out
 
 
-def evaluate(model, state, vocab: Vocabulary, source: Sequence[dict], *, config,
-             workdir: str, split: str,
+def attention_maps(model, variables, features, vocab: Vocabulary, max_len: int):
+  """Greedy decoding of one example step by step, keeping each step's attention.
+
+  Returns (words, T x N attention weights over the N grid cells), up to the first <end>.
+  `AttentionDecoder.step` sows 'step_attention', which `mutable=['intermediates']` returns.
+  """
+  start = jax.jit(lambda v, f: model.apply(v, f, method='start', mutable=['intermediates']))
+  step = jax.jit(lambda v, c, t: model.apply(v, c, t, method='step', mutable=['intermediates']))
+  (carry, logits), inter = start(variables, features)
+  words, maps = [], []
+  for _ in range(max_len):
+    token = jnp.argmax(logits, -1).astype(jnp.int32)
+    alpha = jax.tree.leaves(inter['intermediates'])[-1]
+    if int(token[0]) == vocab.end_id:
+      break
+    words.append(vocab.decode([int(token[0])]) or '<unk>')
+    maps.append(np.asarray(alpha[0], np.float32))
+    (carry, logits), inter = step(variables, carry, token)
+  return words, np.stack(maps) if maps else np.zeros((0, 1), np.float32)
+
+
+def evaluate(model, state, vocab: Vocabulary, inputs, *, config, workdir: str, split: str,
              scene_accuracy: Optional[Callable[[dict, dict], dict]] = None) -> dict:
-  """Scores `source` and writes eval.json, captions_<split>.jsonl and samples.png."""
+  """Scores a split and writes eval.json, captions_<split>.jsonl, samples.png (and
+  attention_<k>.png for attention decoders).
+
+  `inputs` is a SplitInputs, or a plain source of {'image' (uint8), 'captions'}.
+  """
+  if not isinstance(inputs, SplitInputs):
+    inputs = SplitInputs(source=inputs, image=lambda i: np.asarray(inputs[i]['image']))
+  source, key = inputs.source, inputs.input_key
   mesh = sharding.make_mesh()
   t0 = time.perf_counter()
-  dataset = pipeline.caption_eval_dataset(source, vocab, batch_size=config.eval.batch_size,
-                                          caption_length=config.data.caption_length)
-  results = teacher_forced_metrics(state, dataset, mesh)
-  variables = {'params': state.params}
-  batches = ((sharding.put_batch({'image': b['image']}, mesh)['image'], b['index'], b['valid'])
+  dataset = inputs.eval_dataset(vocab, batch_size=config.eval.batch_size,
+                                caption_length=config.data.caption_length)
+  results = teacher_forced_metrics(state, dataset, mesh, key)
+  variables = variables_of(state)
+  batches = (tuple(sharding.put_batch({key: b[key], 'index': b['index'].astype(np.int32),
+                                       'valid': b['valid']}, mesh)[k]
+                   for k in (key, 'index', 'valid'))
              for b in dataset)
-  hyps = generate(model, variables, vocab, batches, config=config)
+  hyps = generate(model, variables, vocab, batches, config=config,
+                  from_features=key == 'features')
   refs = {i: [pipeline._text(c) for c in source[i]['captions']] for i in hyps}
   results.update(caption_metrics(refs, hyps, meteor=config.eval.meteor))
   results['cosine_similarity'] = cosine_similarity(refs, hyps)
@@ -69,11 +153,13 @@ def evaluate(model, state, vocab: Vocabulary, source: Sequence[dict], *, config,
                   'split': split, 'num_examples': len(hyps),
                   'eval_time_s': time.perf_counter() - t0})
   if jax.process_index() == 0:
-    _write(workdir, split, results, refs, hyps, source, config)
+    _write(workdir, split, results, refs, hyps, inputs, config)
+    if config.model.decoder == 'attention':
+      _plot_attention(model, variables, vocab, inputs, config, workdir)
   return results
 
 
-def _write(workdir, split, results, refs, hyps, source, config) -> None:
+def _write(workdir, split, results, refs, hyps, inputs: SplitInputs, config) -> None:
   from capjax import plots  # matplotlib only where figures are drawn.
   with open(os.path.join(workdir, 'eval.json'), 'w') as f:
     json.dump(results, f, indent=1, sort_keys=True)
@@ -81,8 +167,27 @@ def _write(workdir, split, results, refs, hyps, source, config) -> None:
     for i in sorted(hyps):
       f.write(json.dumps({'index': i, 'generated': hyps[i], 'references': refs[i]}) + '\n')
   shown = sorted(hyps)[:config.eval.num_samples]
-  plots.plot_caption_samples([np.asarray(source[i]['image']) for i in shown],
+  plots.plot_caption_samples([inputs.image(i) for i in shown],
                              [hyps[i] for i in shown], [refs[i][0] for i in shown],
                              os.path.join(workdir, 'samples.png'))
   logging.info('Evaluation on %s: %s', split, json.dumps(
       {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
+
+
+def _plot_attention(model, variables, vocab, inputs: SplitInputs, config, workdir) -> None:
+  """attention_<k>.png for the first config.eval.attention_plots examples."""
+  from capjax import plots  # matplotlib only where figures are drawn.
+  for k in range(min(int(config.eval.get('attention_plots', 3)), len(inputs.source))):
+    example = inputs.source[k]
+    if inputs.input_key == 'features':
+      features = jnp.asarray(example['features'], jnp.float32)[None]
+    else:
+      image = example['image'] if inputs.image_fn is None else inputs.image_fn(example)
+      features = model.apply(variables, jnp.asarray(image)[None], method='encode')
+    words, maps = attention_maps(model, variables, features, vocab,
+                                 config.data.caption_length - 1)
+    if not words:
+      continue
+    h, w = features.shape[1:3]
+    plots.plot_attention(inputs.image(k), words, maps.reshape(len(words), h, w),
+                         os.path.join(workdir, f'attention_{k}.png'))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from typing import Union
 
 import numpy as np
@@ -25,6 +26,12 @@ Size = Union[int, tuple[int, int]]
 # decodes in ~300 MB, while decompression bombs declare billions of pixels in a few bytes. Pillow
 # itself refuses above 2 * Image.MAX_IMAGE_PIXELS (~179 MP) whatever is asked here.
 DEFAULT_MAX_PIXELS = 100_000_000
+# Pillow warns (on stderr, once per image) above ~89 MP; images here are refused or decoded by
+# the explicit limit above, so its warning would only repeat that as noise in predict's output.
+warnings.filterwarnings('ignore', category=Image.DecompressionBombWarning)
+# Damaged EXIF/TIFF metadata makes Pillow warn, several lines per file, about tags it then
+# skips; a file that still decodes is fine and one that does not becomes one DataError.
+warnings.filterwarnings('ignore', category=UserWarning, module=r'PIL\.TiffImagePlugin')
 
 # EXIF orientations that swap width and height (rotations by 90 or 270 degrees).
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
@@ -78,7 +85,7 @@ def _open_source(source: Source, name: str):
   """A binary file object for `source`; raises DataError for paths that cannot be read."""
   if isinstance(source, (bytes, bytearray, memoryview)):
     if len(source) == 0:
-      raise DataError(f'Image {name} is empty (0 bytes); pass the whole file contents.')
+      raise DataError(f'Image {name} is empty (0 bytes); re-download or remove it.')
     return io.BytesIO(bytes(source))
   path = os.fspath(source)
   if not os.path.exists(path):

@@ -76,7 +76,7 @@ class ResidualCNN(nn.Module):
   """
   num_classes: int
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
-  widths: Sequence[int] = (64, 128, 256, 512)
+  widths: Sequence[int] = (32, 64, 128, 256)
   stem_width: int = 32
   stem_stride: int = 2
   dropout: float = 0.0
@@ -115,13 +115,16 @@ class ResidualCNN(nn.Module):
 
 # The benchmark's model (bench/torch_peer.py): 1,180,926 parameters with 30 classes.
 SimpleCNN = functools.partial(CNN, widths=(32, 64, 128, 256), convs_per_stage=2)
-# A ResNet-18-like layout (2 basic blocks per stage) for 64x64 inputs, stem stride 2.
-ResNet18Small = functools.partial(ResidualCNN, stage_sizes=(2, 2, 2, 2),
-                                  widths=(64, 128, 256, 512), stem_width=32, stem_stride=2)
+# ResNet-18's layout (2 basic blocks per stage) at half width, for 64x64 inputs: stem
+# stride 2, stages at 32/16/8/4 pixels. 2.80M parameters (30 classes) and 0.73 GFLOP per
+# 64x64 training image (forward + backward), 63% of SimpleCNN's 1.17: more epochs fit a
+# CPU budget, and residual blocks train faster per epoch.
+ResNet64 = functools.partial(ResidualCNN, stage_sizes=(2, 2, 2, 2), widths=(32, 64, 128, 256),
+                             stem_width=32, stem_stride=2)
 # Tiny presets for tests: the same structure at a fraction of the compute.
 CNNTiny = functools.partial(CNN, widths=(4, 8), convs_per_stage=1)
 ResidualCNNTiny = functools.partial(ResidualCNN, stage_sizes=(1, 1), widths=(4, 8),
                                     stem_width=4, stem_stride=1)
 
-PRESETS = {'simple_cnn': SimpleCNN, 'resnet': ResNet18Small, 'cnn': CNN,
+PRESETS = {'simple_cnn': SimpleCNN, 'resnet': ResNet64, 'cnn': CNN,
            'residual_cnn': ResidualCNN, 'tiny_cnn': CNNTiny, 'tiny_resnet': ResidualCNNTiny}

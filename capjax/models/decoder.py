@@ -32,9 +32,11 @@ class InjectDecoder(nn.Module):
   pool: str = 'flatten'  # 'flatten' keeps layout; 'mean' for big pretrained grids.
   every_step: bool = False  # Also feed the image embedding with every word ("par-inject").
   dropout: float = 0.0
+  feature_norm: bool = False  # LayerNorm the image features (see _feature_ln).
   dtype: Any = jnp.float32
 
   def setup(self):
+    self.feature_ln = _feature_ln(self.feature_norm, self.dtype)
     self.image_proj = nn.Dense(self.embed_dim, dtype=self.dtype, name='image_proj')
     self.init_h = nn.Dense(self.hidden, dtype=self.dtype, name='init_h')
     self.init_c = nn.Dense(self.hidden, dtype=self.dtype, name='init_c')
@@ -45,8 +47,10 @@ class InjectDecoder(nn.Module):
 
   def _image(self, features):
     b = features.shape[0]
-    flat = features.reshape(b, -1) if self.pool == 'flatten' else features.reshape(
-        b, -1, features.shape[-1]).mean(1)
+    if self.pool == 'flatten':
+      flat = self.feature_ln(features).reshape(b, -1)
+    else:
+      flat = self.feature_ln(_pool(features))
     v_BxE = nn.relu(self.image_proj(flat))
     carry = (jnp.tanh(self.init_c(v_BxE)), jnp.tanh(self.init_h(v_BxE)))
     return carry, v_BxE
@@ -82,6 +86,18 @@ class InjectDecoder(nn.Module):
     return (carry, v_BxE), self.out(h)
 
 
+def _feature_ln(enabled: bool, dtype):
+  """LayerNorm over channels, or identity.
+
+  Features of a frozen encoder come at whatever scale it has: a random-init ResNet50 (its
+  BatchNorm statistics still 0/1) gives values in the hundreds, which saturate the LSTM's init
+  and blow up the first logits. Normalising each position's channels puts any encoder on the
+  scale of the word embeddings. Mean-pooling decoders normalise after pooling, so a cache of
+  pooled features and the full grid at predict time give the same input.
+  """
+  return nn.LayerNorm(dtype=dtype) if enabled else (lambda x: x)
+
+
 def _pool(features):
   """B x C from a grid B x h x w x C (mean over positions) or from already pooled B x C."""
   return features.reshape(features.shape[0], -1, features.shape[-1]).mean(1)
@@ -100,9 +116,11 @@ class MergeDecoder(nn.Module):
   hidden: int = 256
   merge: str = 'add'  # 'add' (the Keras seed) or 'concat'.
   dropout: float = 0.0
+  feature_norm: bool = False
   dtype: Any = jnp.float32
 
   def setup(self):
+    self.feature_ln = _feature_ln(self.feature_norm, self.dtype)
     if self.merge not in ('add', 'concat'):
       raise ValueError(f"merge={self.merge!r} must be 'add' or 'concat'")
     self.image_proj = nn.Dense(self.hidden, dtype=self.dtype, name='image_proj')
@@ -113,7 +131,7 @@ class MergeDecoder(nn.Module):
     self.out = nn.Dense(self.vocab_size, dtype=jnp.float32, name='out')
 
   def _image(self, features, train: bool):
-    pooled = self.drop(_pool(features), deterministic=not train)
+    pooled = self.drop(self.feature_ln(_pool(features)), deterministic=not train)
     return nn.relu(self.image_proj(pooled))
 
   def _logits(self, h, v, train: bool):
@@ -155,7 +173,7 @@ def grid_position_features(h: int, w: int, frequencies: int = 4) -> jnp.ndarray:
   """
   ys, xs = jnp.meshgrid((jnp.arange(h) + 0.5) / h * 2 - 1, (jnp.arange(w) + 0.5) / w * 2 - 1,
                         indexing='ij')
-  scales = jnp.pi * 2.0 ** jnp.arange(frequencies) / 2
+  scales = (jnp.pi * 2.0 ** jnp.arange(frequencies) / 2)[None, :]  # 1 x F: same rank as N x 1.
   angles = jnp.concatenate([xs.reshape(-1, 1) * scales, ys.reshape(-1, 1) * scales], -1)
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1)
 
@@ -192,9 +210,11 @@ class AttentionDecoder(nn.Module):
   hidden: int = 256
   attn_dim: int = 128
   dropout: float = 0.0
+  feature_norm: bool = False
   dtype: Any = jnp.float32
 
   def setup(self):
+    self.feature_ln = _feature_ln(self.feature_norm, self.dtype)
     self.keys = nn.Dense(self.attn_dim, dtype=self.dtype, name='keys')
     self.values = nn.Dense(self.hidden, dtype=self.dtype, name='values')
     self.init_h = nn.Dense(self.hidden, dtype=self.dtype, name='init_h')
@@ -206,7 +226,7 @@ class AttentionDecoder(nn.Module):
 
   def _memory(self, features):
     b, c = features.shape[0], features.shape[-1]
-    grid_BxNxC = features.reshape(b, -1, c)
+    grid_BxNxC = self.feature_ln(features.reshape(b, -1, c))
     mean = grid_BxNxC.mean(1)
     carry = (jnp.tanh(self.init_c(mean)), jnp.tanh(self.init_h(mean)))
     if features.ndim == 4:  # A grid: tell keys and values where each cell is.

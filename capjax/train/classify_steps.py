@@ -52,7 +52,7 @@ def classify_train_step(state: TrainState, batch: dict, rng: jax.Array, *,
       'objective': objective,
       'loss': optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
       'accuracy': (jnp.argmax(logits, -1) == labels).astype(jnp.float32).mean(),
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': optax.tree.norm(grads),
   }
   return new_state, metrics
 

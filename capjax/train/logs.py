@@ -17,6 +17,7 @@ class MetricWriter:
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
     if self.active:
+      _end_partial_line(self.path)
       from tensorboardX import SummaryWriter  # Light, TF-free event writer.
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
@@ -32,6 +33,21 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _end_partial_line(path: str) -> None:
+  """Ends a last line cut short by a kill, so the first row appended after a restart is not
+  glued onto it (and lost with it when the file is read)."""
+  try:
+    with open(path, 'rb+') as f:
+      f.seek(0, os.SEEK_END)
+      if f.tell() == 0:
+        return
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b'\n':
+        f.write(b'\n')
+  except FileNotFoundError:
+    pass
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -70,4 +86,5 @@ class Progress:
 
 
 def log_progress(progress: Progress, step: int, metrics: dict) -> None:
+  """Logs one progress line (steps/s, ETA, the metrics)."""
   logging.info('%s', progress.line(step, metrics))

@@ -1,6 +1,12 @@
-"""Optimizer from config: AdamW or SGD, warmup + cosine, gradient clipping."""
+"""Optimizer from config: AdamW or SGD, warmup + cosine, gradient clipping.
+
+`config.encoder_lr_scale` (captioning) gives the params under the top-level 'encoder' key
+their own learning rate: the decoder's times the scale, and 0 freezes the encoder (no updates,
+no optimizer state, no weight decay). Without the field, or at 1, every param is treated alike.
+"""
 from __future__ import annotations
 
+import jax
 import optax
 from capjax.errors import UserError
 
@@ -11,15 +17,31 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1), end_value=config.learning_rate * config.final_lr_fraction)
-  if config.name == 'adamw':
-    opt = optax.adamw(schedule, b1=config.b1, b2=config.b2,
-                      weight_decay=config.weight_decay)
-  elif config.name == 'sgd':
-    opt = optax.chain(optax.add_decayed_weights(config.weight_decay),
-                      optax.sgd(schedule, momentum=config.momentum, nesterov=True))
-  else:
-    raise UserError(f"config.optim.name={config.name!r} is not supported; "
-                     "use 'adamw' or 'sgd'.")
+  opt = _base(config, schedule)
+  scale = config.get('encoder_lr_scale', 1.0)
+  if scale is not None and float(scale) != 1.0:
+    if float(scale) < 0:
+      raise UserError(f'config.optim.encoder_lr_scale={scale} must be >= 0 (0 freezes the '
+                      'encoder).')
+    encoder_opt = (optax.set_to_zero() if float(scale) == 0 else
+                   _base(config, lambda step: float(scale) * schedule(step)))
+    opt = optax.multi_transform({'encoder': encoder_opt, 'rest': opt}, _encoder_labels)
   if config.grad_clip_norm:
     opt = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), opt)
   return opt
+
+
+def _base(config, schedule) -> optax.GradientTransformation:
+  if config.name == 'adamw':
+    return optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
+  if config.name == 'sgd':
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.sgd(schedule, momentum=config.momentum, nesterov=True))
+  raise UserError(f"config.optim.name={config.name!r} is not supported; "
+                  "use 'adamw' or 'sgd'.")
+
+
+def _encoder_labels(params) -> dict:
+  """'encoder' for every leaf under params['encoder'], 'rest' for all others."""
+  return {k: jax.tree.map(lambda _, k=k: 'encoder' if k == 'encoder' else 'rest', v)
+          for k, v in params.items()}

@@ -26,40 +26,72 @@ def doubly_stochastic_penalty(alphas_BxTxN, mask_BxT):
   return ((1.0 - total_BxN) ** 2).sum(-1).mean()
 
 
-def caption_train_step(state: TrainState, batch: dict, rng: jax.Array,
-                       attention_reg: float = 0.0):
-  """One optimizer step of teacher-forced next-word prediction.
+def _variables(state: TrainState, params) -> dict:
+  """params plus BatchNorm statistics when the model has any (Keras backbones)."""
+  if state.batch_stats:
+    return {'params': params, 'batch_stats': state.batch_stats}
+  return {'params': params}
 
-  `rng` is folded with the step so that dropout is a pure function of
-  (seed, step): a resumed run draws exactly the masks it would have drawn.
-  """
+
+def _caption_step(state: TrainState, batch: dict, rng: jax.Array, attention_reg: float,
+                  from_features: bool):
   dropout_rng = jax.random.fold_in(rng, state.step)
   tokens = batch['tokens']
   targets = tokens[:, 1:]
+  # BatchNorm statistics only change when the encoder runs in training mode.
+  mutable = ['intermediates'] + (['batch_stats'] if state.batch_stats and not from_features
+                                 else [])
 
   def loss_fn(params):
-    logits, inter = state.apply_fn({'params': params}, batch['image'], tokens, train=True,
-                                   rngs={'dropout': dropout_rng}, mutable=['intermediates'])
+    inputs = batch['features'] if from_features else batch['image']
+    logits, updates = state.apply_fn(
+        _variables(state, params), inputs, tokens, train=True, rngs={'dropout': dropout_rng},
+        mutable=mutable, method='decode' if from_features else None)
     ce, correct, count = masked_token_stats(logits, targets)
     count = jnp.maximum(count, 1.0)
     loss = ce / count
-    attention = jax.tree.leaves(inter.get('intermediates', {}))
+    attention = jax.tree.leaves(updates.get('intermediates', {}))
     penalty = (doubly_stochastic_penalty(attention[0], (targets != 0).astype(jnp.float32))
                if attention else jnp.zeros(()))
-    return loss + attention_reg * penalty, (loss, correct / count)
+    return loss + attention_reg * penalty, (loss, correct / count, updates.get('batch_stats'))
 
-  (_, (loss, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (_, (loss, acc, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads)
+  if batch_stats is not None:
+    new_state = new_state.replace(batch_stats=batch_stats)
   metrics = {'loss': loss, 'token_accuracy': acc, 'grad_norm': optax.global_norm(grads)}
   return new_state, metrics
 
 
+def caption_train_step(state: TrainState, batch: dict, rng: jax.Array,
+                       attention_reg: float = 0.0):
+  """One optimizer step of teacher-forced next-word prediction from batch['image'].
+
+  `rng` is folded with the step so that dropout is a pure function of
+  (seed, step): a resumed run draws exactly the masks it would have drawn.
+  """
+  return _caption_step(state, batch, rng, attention_reg, from_features=False)
+
+
+def caption_feature_train_step(state: TrainState, batch: dict, rng: jax.Array,
+                               attention_reg: float = 0.0):
+  """`caption_train_step` from precomputed encoder features (batch['features']): only the
+  decoder runs, for a frozen encoder whose features come from the HDF5 cache."""
+  return _caption_step(state, batch, rng, attention_reg, from_features=True)
+
+
 def caption_eval_step(state: TrainState, batch: dict):
-  """Sums of loss/correct/tokens over every reference caption of the real rows."""
+  """Sums of loss/correct/tokens over every reference caption of the real rows.
+
+  Reads batch['features'] when the batch carries cached features, else encodes batch['image'].
+  """
   tokens_BxRxL = batch['tokens']
   b, r, l = tokens_BxRxL.shape
-  variables = {'params': state.params}
-  features = state.apply_fn(variables, batch['image'], method='encode')
+  variables = _variables(state, state.params)
+  if 'features' in batch:
+    features = batch['features']
+  else:
+    features = state.apply_fn(variables, batch['image'], method='encode')
   features = jnp.repeat(features, r, axis=0)
   tokens = tokens_BxRxL.reshape(b * r, l)
   logits = state.apply_fn(variables, features, tokens, method='decode')

@@ -1,0 +1,176 @@
+"""The captioning task's data: prepared splits, vocabulary, and what each split feeds the model.
+
+A split reaches the model in one of three ways (`split_inputs`):
+  shapes         uint8 pixels straight from the generated TFDS data set
+  real images    the prepared encoded bytes, decoded at config.data.image_size (all at once into
+                 memory when config.data.in_memory, else in the grain map)
+  cached features  a frozen encoder (config.optim.encoder_lr_scale == 0) runs once per split
+                 into the HDF5 cache (capjax.data.features); training then reads feature rows
+                 and never decodes an image
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from capjax.caption_eval import SplitInputs
+from capjax.data import caption_tfds, features, pipeline, shapes_tfds
+from capjax.data.tokenizer import Vocabulary
+from capjax.errors import UserError
+
+SPLITS = ('train', 'validation', 'test')
+
+
+def needed_splits(config) -> list[str]:
+  """train, validation and config.eval.split: what a run reads."""
+  return list(dict.fromkeys(['train', 'validation', config.eval.split]))
+
+
+def load_splits(config, splits: Sequence[str] | None = None) -> dict:
+  """{split: random-access source} for config.dataset; `splits` default to `needed_splits`.
+
+  Real data sets prepare each split on its own, so a run that never touches 'test' does not
+  need the test images (Flickr8k's are withheld here, as in a partial download).
+  """
+  splits = needed_splits(config) if splits is None else splits
+  if config.dataset == 'shapes':
+    s = config.shapes
+    builder = shapes_tfds.prepare(config.tfds_dir, image_size=s.image_size,
+                                  num_train=s.num_train, num_validation=s.num_validation,
+                                  num_test=s.num_test, seed=s.seed)
+    sources = builder.as_data_source()
+    return {split: sources[split] for split in splits}
+  if config.dataset in caption_tfds.DATASETS:
+    args = caption_tfds.reader_args(config)
+    return {split: caption_tfds.load_split(config.tfds_dir, config.dataset, config.data_dir,
+                                           split, **args)[0] for split in splits}
+  raise UserError(f"config.dataset={config.dataset!r} is not a caption data set; use one of "
+                  f"shapes, {', '.join(caption_tfds.DATASETS)}.")
+
+
+def split_name(source) -> str:
+  """A name for a prepared split's contents (its TFDS config name hashes the records)."""
+  info = getattr(source, 'dataset_info', None)
+  if info is not None and getattr(info, 'config_name', None):
+    return f'{info.name}/{info.config_name}'
+  return repr(source)
+
+
+def read_captions(source) -> list[list[str]]:
+  """Every example's reference captions, as str, in order (images are not decoded)."""
+  get_many = getattr(source, '__getitems__', None)
+  out = []
+  for start in range(0, len(source), 512):
+    idx = list(range(start, min(start + 512, len(source))))
+    examples = get_many(idx) if get_many else [source[i] for i in idx]
+    out.extend([pipeline._text(c) for c in e['captions']] for e in examples)
+  return out
+
+
+def read_ids(source) -> list[str]:
+  get_many = getattr(source, '__getitems__', None)
+  out = []
+  for start in range(0, len(source), 512):
+    idx = list(range(start, min(start + 512, len(source))))
+    examples = get_many(idx) if get_many else [source[i] for i in idx]
+    out.extend(pipeline._text(e.get('id', str(i))) for i, e in zip(idx, examples))
+  return out
+
+
+def vocabulary(config, workdir: str, train_captions: Sequence[Sequence[str]]) -> Vocabulary:
+  """The workdir's vocabulary if it has one (a resumed run must keep its ids)."""
+  path = os.path.join(workdir, 'vocab.json')
+  if os.path.exists(path):
+    return Vocabulary.load(path)
+  vocab = Vocabulary.build((c for caps in train_captions for c in caps),
+                           min_freq=config.vocab.min_freq, max_size=config.vocab.max_size)
+  if jax.process_index() == 0:
+    vocab.save(path)
+  return vocab
+
+
+def image_size(config) -> int:
+  """The square side images are fed at."""
+  if config.dataset == 'shapes':
+    return int(config.shapes.image_size)
+  return int(config.data.image_size)
+
+
+def uses_feature_cache(config) -> bool:
+  """A frozen encoder (encoder_lr_scale == 0) runs once per split, into the cache."""
+  return float(config.optim.get('encoder_lr_scale', 1.0)) == 0.0
+
+
+def needs_grid(config) -> bool:
+  """Whether the decoder reads the feature grid (attention, flatten-inject) or a mean vector."""
+  m = config.model
+  return m.decoder == 'attention' or (m.decoder == 'inject' and m.pool == 'flatten')
+
+
+def cache_dir(config) -> str:
+  if config.get('features_dir'):
+    return os.path.expanduser(config.features_dir)
+  base = config.tfds_dir or os.path.join(os.path.expanduser('~'), 'tensorflow_datasets')
+  return os.path.join(base, 'capjax_features')
+
+
+def feature_encoder(encoder, encoder_variables: dict, pooled: bool) -> Callable:
+  """jit(uint8 images) -> features; run in inference mode (BatchNorm running averages)."""
+
+  @jax.jit
+  def encode(images):
+    x = encoder.apply(encoder_variables, images, train=False)
+    return x.reshape(x.shape[0], -1, x.shape[-1]).mean(1) if pooled else x
+
+  return encode
+
+
+def split_inputs(config, split: str, source, *, encode: Callable | None = None,
+                 weights_id: str | None = None) -> SplitInputs:
+  """What `split` feeds the model: pixels, decoded images, or cached features.
+
+  `encode` (from `feature_encoder`) and `weights_id` are needed with a frozen encoder; one
+  `encode` serves every split, so it is compiled once.
+  """
+  size = image_size(config)
+  if config.dataset == 'shapes' and not uses_feature_cache(config):
+    return SplitInputs(source=source, image=lambda i: np.asarray(source[i]['image']))
+  decode = pipeline.image_decoder(size)
+  if uses_feature_cache(config):
+    pooled = not needs_grid(config)
+    key = features.cache_key(dataset=config.dataset, split=split, records=split_name(source),
+                             encoder=config.model.encoder, weights=weights_id,
+                             image_size=size, pooled=pooled)
+    path = features.ensure(cache_dir(config), key, read_ids(source),
+                           lambda i: decode(source[i]), encode,
+                           batch_size=int(config.data.get('feature_batch_size', 32)))
+    feature_source = features.FeatureSource(path, read_captions(source), read_ids(source))
+    return SplitInputs(source=feature_source, input_key='features',
+                       image=lambda i: decode(source[i]), max_refs=_max_refs(feature_source))
+  if config.data.get('in_memory', True):
+    decoded = pipeline.decode_in_memory(source, size)
+    return SplitInputs(source=decoded, image=lambda i: decoded.images[i],
+                       max_refs=max(len(c) for c in decoded.captions))
+  return SplitInputs(source=source, image_fn=decode, image=lambda i: decode(source[i]),
+                     max_refs=max(len(c) for c in read_captions(source)))
+
+
+def _max_refs(source) -> int:
+  return max(len(c) for c in source.captions)
+
+
+def sample_inputs(config):
+  """Dummy (images, tokens) that fix the model's parameter shapes at init."""
+  s = image_size(config)
+  return (jnp.zeros((1, s, s, 3), jnp.uint8),
+          jnp.zeros((1, config.data.caption_length), jnp.int32))
+
+
+def log_sizes(vocab: Vocabulary, sources: dict) -> None:
+  logging.info('Vocabulary: %d words; %s.', len(vocab),
+               ', '.join(f'{k} {len(v)} images' for k, v in sources.items()))

@@ -1,0 +1,102 @@
+"""Evaluation of a trained classifier on one split: metrics, eval.json and figures.
+
+Writes to the workdir: eval.json (flat keys: top1_accuracy, top5_accuracy, loss, micro_auc,
+macro_auc, mean_class_accuracy, class_accuracy/<name>, class_auc/<name>, ...),
+confusion_matrix.png (with class names), roc.png (one-vs-rest, per class + micro + macro)
+and curves.png (train vs validation loss and accuracy over steps).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from capjax import run_files
+from capjax.data import classify_pipeline
+from capjax.metrics import classification as cls_metrics
+from capjax.train import classify_steps, sharding
+
+_eval_step = jax.jit(classify_steps.classify_eval_step)
+_logits = jax.jit(classify_steps.classify_logits)
+
+
+def validation_metrics(state, dataset, mesh) -> dict:
+  """Loss, top-1 and top-5 accuracy over one pass of an eval dataset (padding excluded)."""
+  totals = {'loss_sum': 0.0, 'correct_sum': 0.0, 'top5_sum': 0.0, 'count': 0.0}
+  for batch in dataset:
+    batch = sharding.put_batch({k: batch[k] for k in ('image', 'label', 'valid')}, mesh)
+    out = jax.device_get(_eval_step(state, batch))
+    totals = {k: totals[k] + float(out[k]) for k in totals}
+  count = max(totals['count'], 1.0)
+  return {'loss': totals['loss_sum'] / count, 'accuracy': totals['correct_sum'] / count,
+          'top5_accuracy': totals['top5_sum'] / count}
+
+
+def predict_probs(state, dataset, mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(probs_NxC, labels_N, logits_NxC) of the valid rows of an eval dataset, in order."""
+  labels, logits = [], []
+  for batch in dataset:
+    out = _logits(state, sharding.put_batch({'image': batch['image']}, mesh)['image'])
+    out = np.asarray(jax.device_get(out), np.float64)
+    keep = np.asarray(batch['valid'], bool)
+    logits.append(out[keep])
+    labels.append(np.asarray(batch['label'])[keep])
+  logits_NxC = np.concatenate(logits)
+  # Softmax in float64: ROC needs probabilities, and float32 rounds the smallest to 0,
+  # which would tie many examples at the low end of each class's curve.
+  shifted = logits_NxC - logits_NxC.max(axis=1, keepdims=True)
+  probs_NxC = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+  return probs_NxC, np.concatenate(labels).astype(np.int64), logits_NxC
+
+
+def evaluate(state, source, class_names, *, config, workdir: str, split: str,
+             mean: np.ndarray, std: np.ndarray) -> dict:
+  """Scores `source` (one split) and writes eval.json and the figures; returns eval.json."""
+  mesh = sharding.make_mesh()
+  t0 = time.perf_counter()
+  dataset = classify_pipeline.eval_dataset(source, batch_size=config.eval.batch_size,
+                                           image_size=config.data.image_size, mean=mean,
+                                           std=std)
+  probs_NxC, labels_N, logits_NxC = predict_probs(state, dataset, mesh)
+  results = cls_metrics.classification_report(probs_NxC, labels_N, class_names)
+  shifted = logits_NxC - logits_NxC.max(axis=1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+  results['loss'] = float(-log_probs[np.arange(len(labels_N)), labels_N].mean())
+  results.update({'split': split, 'dataset': config.dataset,
+                  'eval_time_s': time.perf_counter() - t0})
+  if jax.process_index() == 0:
+    _write(workdir, results, probs_NxC, labels_N, class_names)
+  return results
+
+
+def _write(workdir, results, probs_NxC, labels_N, class_names) -> None:
+  from capjax import plots  # matplotlib only where figures are drawn.
+  with open(os.path.join(workdir, 'eval.json'), 'w') as f:
+    json.dump(results, f, indent=1, sort_keys=True)
+  cm = cls_metrics.confusion_matrix(labels_N, probs_NxC.argmax(axis=1), len(class_names))
+  plots.plot_confusion_matrix(cm, class_names, os.path.join(workdir, 'confusion_matrix.png'),
+                              title=f"Confusion matrix ({results['split']})")
+  curves = cls_metrics.roc_curves(probs_NxC, labels_N, class_names)
+  aucs = {name.split('/', 1)[1]: v for name, v in results.items()
+          if name.startswith('class_auc/')}
+  aucs.update(micro=results['micro_auc'], macro=results['macro_auc'])
+  if curves:
+    plots.plot_roc(curves, os.path.join(workdir, 'roc.png'),
+                   title=f"ROC one-vs-rest ({results['split']})", aucs=aucs)
+  plot_curves(workdir)
+  shown = {k: round(v, 4) for k, v in results.items()
+           if k in ('top1_accuracy', 'top5_accuracy', 'loss', 'micro_auc', 'macro_auc',
+                    'mean_class_accuracy', 'num_examples')}
+  logging.info('Evaluation on %s: %s', results['split'], json.dumps(shown))
+
+
+def plot_curves(workdir: str) -> None:
+  """curves.png: loss and accuracy over steps, train vs validation, from metrics.jsonl."""
+  from capjax import plots
+  history = run_files.curves(workdir, ('loss', 'accuracy'))
+  if history:
+    plots.plot_curves(history, os.path.join(workdir, 'curves.png'), title='classification')

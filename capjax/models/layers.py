@@ -1,0 +1,399 @@
+"""Fast, reference-equal building blocks for XLA:CPU: `Conv`, `max_pool` and a sequence `LSTM`.
+
+`Conv` is a drop-in for `flax.linen.Conv` on NHWC inputs (same fields that matter, same param names
+and shapes, so params load either way). Measured on a 2-core AVX-512 CPU with jax 0.10 (whose XLA
+runs convolutions and dots through YNNPACK): the forward convolution and its input gradient are
+faster as XLA convolutions than as im2col + matmul (building the 9x patch array costs more than the
+matmul saves), but XLA's *weight* gradient, a convolution whose window is the whole output image,
+is slow when that image is small (< 32x32) or the kernel is 1x1. `impl='auto'` therefore keeps
+XLA's forward and input gradient everywhere and, for those shapes, computes the weight gradient as
+one im2col matmul in a custom VJP. Grouped convolutions use XLA's convolution.
+
+`max_pool` is `nn.max_pool` for non-overlapping windows, written as strided slices so that it and
+its gradient fuse (XLA's reduce_window / select_and_scatter loops are ~10x slower here).
+
+`LSTM` runs a whole sequence with the math of `flax.linen.OptimizedLSTMCell`: the input projection
+of all steps is one matmul outside the scan, the four gates share one (H, 4H) recurrent matmul, and
+a hand-written backward pass keeps only the (B, H) x (H, 4H) product inside the reverse scan (the
+weight gradients become single matmuls over all steps). Param layout, gates in the order i, f, g, o
+along the last axis:
+
+  input_kernel      (D, 4H)   = concat of OptimizedLSTMCell's ii, if, ig, io kernels
+  recurrent_kernel  (H, 4H)   = concat of hi, hf, hg, ho kernels
+  bias              (4H,)     = concat of hi, hf, hg, ho biases
+
+`lstm_params_from_cell` converts OptimizedLSTMCell params to this layout.
+"""
+from collections.abc import Callable, Sequence
+import functools
+from typing import Any
+
+import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+# ----------------------------------------------------------------------------------------- conv
+
+
+def _pairs(padding, kernel_size, strides, in_hw) -> tuple[tuple[int, int], ...]:
+  """Explicit (lo, hi) pads for the two spatial dims, as `lax.conv_general_dilated` would use."""
+  if isinstance(padding, str):
+    if padding.upper() not in ('SAME', 'VALID'):
+      raise ValueError(f"Conv padding {padding!r} is not supported; use 'SAME', 'VALID' or ints.")
+    return tuple(lax.padtype_to_pads(in_hw, kernel_size, strides, padding.upper()))
+  if isinstance(padding, int):
+    return ((padding, padding),) * 2
+  pads = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+  if len(pads) != 2 or any(len(p) != 2 for p in pads):
+    raise ValueError(f'Conv padding {padding!r} must be a str, an int, or 2 ints/pairs.')
+  return pads
+
+
+def _lax_conv(x, kernel, strides, pads, groups=1):
+  return lax.conv_general_dilated(
+      x, kernel, strides, pads, dimension_numbers=_NHWC, feature_group_count=groups)
+
+
+def _im2col(x_BxHxWxC, kernel_size, strides, pads):
+  """Patches (B, Ho, Wo, kh*kw*C), ordered (kh, kw, C) like an HWIO kernel reshaped to 2-D."""
+  (kh, kw), (sh, sw) = kernel_size, strides
+  xp = jnp.pad(x_BxHxWxC, ((0, 0), pads[0], pads[1], (0, 0)))
+  ho = (xp.shape[1] - kh) // sh + 1
+  wo = (xp.shape[2] - kw) // sw + 1
+  taps = [
+      lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1,
+                                   xp.shape[3]), (1, sh, sw, 1))
+      for i in range(kh) for j in range(kw)
+  ]
+  return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+
+
+def _im2col_conv(x, kernel, strides, pads):
+  cols = _im2col(x, kernel.shape[:2], strides, pads)
+  return jnp.dot(cols, kernel.reshape(-1, kernel.shape[-1]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _hybrid_conv(x, kernel, strides, pads):
+  """Convolution whose weight gradient is an im2col matmul instead of XLA's windowed conv."""
+  return _lax_conv(x, kernel, strides, pads)
+
+
+def _hybrid_fwd(x, kernel, strides, pads):
+  # Keep x, not the 9x larger patches: rebuilding them in the backward pass is cheaper than
+  # holding them (and faulting in their pages) across the whole network.
+  return _lax_conv(x, kernel, strides, pads), (x, kernel)
+
+
+def _hybrid_bwd(strides, pads, res, g):
+  x, kernel = res
+  # Input gradient: XLA's transposed convolution (fast on CPU); unused ones are removed by DCE.
+  _, vjp_x = jax.vjp(lambda x_: _lax_conv(x_, kernel, strides, pads), x)
+  (dx,) = vjp_x(g)
+  cols = _im2col(x, kernel.shape[:2], strides, pads)
+  dk = lax.dot_general(cols, g, (((0, 1, 2), (0, 1, 2)), ((), ())))
+  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_hybrid_conv.defvjp(_hybrid_fwd, _hybrid_bwd)
+
+
+def _auto_impl(kernel_size, x_shape, strides, pads):
+  """Picks 'lax' or 'hybrid' from measured XLA:CPU (YNNPACK) behaviour, see the module docstring.
+
+  XLA's weight-gradient convolution is efficient when its window (the output image) is large and
+  slow when it is small or the kernel is 1x1; the matmul weight gradient is the opposite.
+  """
+  ho = (x_shape[1] + sum(pads[0]) - kernel_size[0]) // strides[0] + 1
+  wo = (x_shape[2] + sum(pads[1]) - kernel_size[1]) // strides[1] + 1
+  return 'hybrid' if kernel_size == (1, 1) or ho * wo < 1024 else 'lax'
+
+
+def conv2d(x_BxHxWxC, kernel, strides=(1, 1), padding='SAME', feature_group_count=1,
+           impl='auto'):
+  """2-D NHWC convolution with an HWIO kernel, equal to `lax.conv_general_dilated`.
+
+  Args:
+    x_BxHxWxC: input images.
+    kernel: (kh, kw, C // feature_group_count, F).
+    strides: two ints.
+    padding: 'SAME', 'VALID', an int, or two ints / (lo, hi) pairs.
+    feature_group_count: groups (grouped / depthwise convolutions use XLA's convolution).
+    impl: 'auto' (fastest known per shape), 'lax', 'im2col' (autodiff of patches + one matmul)
+      or 'hybrid' (XLA forward and input gradient, matmul weight gradient).
+
+  Returns:
+    (B, Ho, Wo, F).
+  """
+  kernel_size = tuple(kernel.shape[:2])
+  strides = tuple(strides)
+  pads = _pairs(padding, kernel_size, strides, x_BxHxWxC.shape[1:3])
+  if impl == 'auto':
+    impl = _auto_impl(kernel_size, x_BxHxWxC.shape, strides, pads)
+  if impl == 'lax' or feature_group_count != 1:
+    return _lax_conv(x_BxHxWxC, kernel, strides, pads, feature_group_count)
+  if impl == 'im2col':
+    return _im2col_conv(x_BxHxWxC, kernel, strides, pads)
+  if impl == 'hybrid':
+    return _hybrid_conv(x_BxHxWxC, kernel, strides, pads)
+  raise ValueError(f"conv2d impl {impl!r} is unknown; use 'auto', 'lax', 'im2col' or 'hybrid'.")
+
+
+class Conv(nn.Module):
+  """Drop-in for `flax.linen.Conv` (2-D, NHWC): same fields, param names and shapes.
+
+  Attributes:
+    features: output channels.
+    kernel_size: (kh, kw); an int is refused because nn.Conv would make it a 1-D kernel.
+    strides: int or (sh, sw).
+    padding: 'SAME', 'VALID', an int, or two ints / (lo, hi) pairs.
+    feature_group_count: groups; >1 (e.g. depthwise) falls back to XLA's convolution.
+    use_bias: add a per-channel bias.
+    dtype: computation dtype (default: promoted from inputs and params).
+    param_dtype: dtype of the params.
+    kernel_init, bias_init: initializers (defaults as in `nn.Conv`).
+    impl: see `conv2d`.
+  """
+  features: int
+  kernel_size: Sequence[int]
+  strides: int | Sequence[int] = 1
+  padding: str | int | Sequence[Any] = 'SAME'
+  feature_group_count: int = 1
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: Array) -> Array:
+    """Convolves a (B, H, W, C) batch; returns (B, Ho, Wo, features)."""
+    if isinstance(self.kernel_size, int):
+      raise ValueError('Conv kernel_size must be a pair like (3, 3): nn.Conv reads an int as 1-D.')
+    ks = tuple(self.kernel_size)
+    strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+    if len(ks) != 2 or len(strides) != 2 or x_BxHxWxC.ndim != 4:
+      raise ValueError(f'Conv supports 2-D NHWC only; got kernel {ks}, input {x_BxHxWxC.shape}.')
+    cin = x_BxHxWxC.shape[-1]
+    if cin % self.feature_group_count:
+      raise ValueError(f'Conv input channels {cin} must divide by {self.feature_group_count}.')
+    kernel = self.param('kernel', self.kernel_init,
+                        ks + (cin // self.feature_group_count, self.features), self.param_dtype)
+    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    x, kernel, bias = promote_dtype(x_BxHxWxC, kernel, bias, dtype=self.dtype)
+    y = conv2d(x, kernel, strides, self.padding, self.feature_group_count, self.impl)
+    return y if bias is None else y + bias.reshape(1, 1, 1, -1)
+
+
+def _pool_taps(x, window):
+  kh, kw = window
+  return [x[:, i::kh, j::kw] for i in range(kh) for j in range(kw)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool(x, window):
+  return functools.reduce(jnp.maximum, _pool_taps(x, window))
+
+
+def _max_pool_fwd(x, window):
+  y = _max_pool(x, window)
+  return y, (x, y)
+
+
+def _max_pool_bwd(window, res, g):
+  x, y = res
+  # The first maximum of each window in row-major order takes the gradient, as XLA's
+  # select_and_scatter (the gradient of nn.max_pool) does; everything here fuses elementwise.
+  taken, parts = None, []
+  for tap in _pool_taps(x, window):
+    hit = tap == y if taken is None else (tap == y) & ~taken
+    taken = hit if taken is None else taken | hit
+    parts.append(jnp.where(hit, g, jnp.zeros_like(g)))
+  b, ho, wo, c = g.shape
+  dx = jnp.stack(parts).reshape(*window, b, ho, wo, c).transpose(2, 3, 0, 4, 1, 5)
+  return (dx.reshape(x.shape),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(x_BxHxWxC, window=(2, 2)):
+  """Non-overlapping max pool (strides = window, 'VALID'), equal to `nn.max_pool` incl. gradient.
+
+  XLA:CPU runs `nn.max_pool`'s reduce_window and its select_and_scatter gradient as slow generic
+  loops; strided slices and elementwise maxima fuse into single passes (~10x faster measured).
+  """
+  kh, kw = window
+  _, h, w, _ = x_BxHxWxC.shape
+  return _max_pool(x_BxHxWxC[:, :h // kh * kh, :w // kw * kw], (kh, kw))
+
+
+# ----------------------------------------------------------------------------------------- lstm
+
+
+def _gates(z_Bx4H, c_BxH):
+  """OptimizedLSTMCell's update from pre-activations z = x Wi + h Wh + b; returns (c, h, acts)."""
+  zi, zf, zg, zo = jnp.split(z_Bx4H, 4, axis=-1)
+  i, f, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jax.nn.sigmoid(zo)
+  g = jnp.tanh(zg)
+  c = f * c_BxH + i * g
+  return c, o * jnp.tanh(c), (i, f, g, o)
+
+
+def lstm_step(params, carry, x_BxD):
+  """One LSTM step: `((c, h), x) -> ((c', h'), h')`, the math of `nn.OptimizedLSTMCell`."""
+  c, h = carry
+  z = x_BxD @ params['input_kernel'] + h @ params['recurrent_kernel'] + params['bias'][None]
+  c, h, _ = _gates(z, c)
+  return (c, h), h
+
+
+def _scan_forward(wh, b, xw_TxBx4H, c0, h0, unroll):
+  def body(carry, xw):
+    c, h = carry
+    # The bias is added here, where it fuses with the gates, not broadcast over all T steps.
+    c, h, acts = _gates(xw + h @ wh + b[None], c)
+    return (c, h), (h, c, jnp.concatenate(acts, axis=-1))
+  return lax.scan(body, (c0, h0), xw_TxBx4H, unroll=unroll)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _lstm_seq(wi, wh, b, c0, h0, x_TxBxD, unroll):
+  (c, h), (hs, _, _) = _scan_forward(wh, b, x_TxBxD @ wi, c0, h0, unroll)
+  return (c, h), hs
+
+
+def _lstm_seq_fwd(wi, wh, b, c0, h0, x_TxBxD, unroll):
+  (c, h), (hs, cs, acts) = _scan_forward(wh, b, x_TxBxD @ wi, c0, h0, unroll)
+  return ((c, h), hs), (wi, wh, c0, h0, x_TxBxD, hs, cs, acts)
+
+
+def _lstm_seq_bwd(unroll, res, cts):
+  wi, wh, c0, h0, x, hs, cs, acts = res
+  (dc_T, dh_T), dhs = cts
+  c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
+  h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
+
+  def body(carry, inp):
+    dc, dh = carry
+    dh_out, c, cp, a = inp
+    i, f, g, o = jnp.split(a, 4, axis=-1)
+    dh = dh + dh_out
+    tc = jnp.tanh(c)
+    dc = dc + dh * o * (1 - tc * tc)
+    dz = jnp.concatenate(
+        [dc * g * i * (1 - i), dc * cp * f * (1 - f), dc * i * (1 - g * g), dh * tc * o * (1 - o)],
+        axis=-1)
+    # Only this product is sequential; weight gradients are formed after the scan.
+    return (dc * f, dz @ wh_t), dz
+
+  wh_t = wh.T  # transposed once, outside the loop
+  (dc0, dh0), dz = lax.scan(body, (dc_T, dh_T), (dhs, cs, c_prev, acts), reverse=True,
+                            unroll=unroll)
+  # One (D + H, T*B) x (T*B, 4H) product for both weight gradients: fewer, larger matmuls.
+  dw = jnp.einsum('tbk,tbg->kg', jnp.concatenate([x, h_prev], axis=-1), dz)
+  d = x.shape[-1]
+  return dw[:d], dw[d:], dz.sum(axis=(0, 1)), dc0, dh0, dz @ wi.T
+
+
+_lstm_seq.defvjp(_lstm_seq_fwd, _lstm_seq_bwd)
+
+
+def lstm_sequence(params, carry, x_BxTxD, unroll=1, custom_grad=True):
+  """Runs a whole sequence: `((c0, h0), x_BxTxD) -> ((cT, hT), h_BxTxH)`.
+
+  Equal to `nn.RNN(nn.OptimizedLSTMCell(H), return_carry=True)` given mapped params. With
+  `custom_grad=False` the backward pass is JAX's autodiff of the scan (for comparison).
+  """
+  wi, wh, b = params['input_kernel'], params['recurrent_kernel'], params['bias']
+  c0, h0 = carry
+  x_TxBxD = jnp.swapaxes(x_BxTxD, 0, 1)
+  if custom_grad:
+    (c, h), hs = _lstm_seq(wi, wh, b, c0, h0, x_TxBxD, unroll)
+  else:
+    (c, h), (hs, _, _) = _scan_forward(wh, b, x_TxBxD @ wi, c0, h0, unroll)
+  return (c, h), jnp.swapaxes(hs, 0, 1)
+
+
+def _per_gate(init: Initializer) -> Initializer:
+  """Initialises a (rows, 4H) kernel as four (rows, H) blocks, as OptimizedLSTMCell does."""
+  def init_fn(key, shape, dtype=jnp.float32):
+    rows, four_h = shape
+    keys = jax.random.split(key, 4)
+    return jnp.concatenate([init(k, (rows, four_h // 4), dtype) for k in keys], axis=-1)
+  return init_fn
+
+
+class LSTM(nn.Module):
+  """Sequence LSTM with `nn.OptimizedLSTMCell` math (sigmoid gates, tanh), fused and hoisted.
+
+  Call with `(carry or None, x_BxTxD)` to run a sequence, returning `((c, h), h_BxTxH)`; call
+  `step(carry or None, x_BxD)` for one step (greedy / beam decoding) with the same params.
+  Carries are `(c, h)` tuples like flax's. Param layout: see the module docstring.
+
+  Attributes:
+    features: hidden size H.
+    kernel_init, recurrent_kernel_init, bias_init: per-gate initializers (flax's defaults).
+    dtype: computation dtype (default: promoted from inputs and params).
+    param_dtype: dtype of the params.
+    unroll: `lax.scan` unroll factor for the time loop.
+    custom_grad: use the hand-written backward pass (False: autodiff, for comparison).
+  """
+  features: int
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  recurrent_kernel_init: Initializer = nn.initializers.orthogonal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  unroll: int = 1
+  custom_grad: bool = True
+
+  @nn.compact
+  def __call__(self, carry, x):
+    """x (B, T, D): the whole sequence -> ((c, h), h_BxTxH); x (B, D): one step -> ((c, h), h)."""
+    hf = self.features
+    params = {
+        'input_kernel': self.param('input_kernel', _per_gate(self.kernel_init),
+                                   (x.shape[-1], 4 * hf), self.param_dtype),
+        'recurrent_kernel': self.param('recurrent_kernel', _per_gate(self.recurrent_kernel_init),
+                                       (hf, 4 * hf), self.param_dtype),
+        'bias': self.param('bias', self.bias_init, (4 * hf,), self.param_dtype),
+    }
+    batch = x.shape[0]
+    if carry is None:
+      carry = self.zero_carry(batch)
+    x, c, h, *ws = promote_dtype(x, *carry, *params.values(), dtype=self.dtype)
+    params = dict(zip(params, ws))
+    if x.ndim == 2:
+      return lstm_step(params, (c, h), x)
+    if x.ndim != 3:
+      raise ValueError(f'LSTM input must be (B, T, D) or (B, D); got {x.shape}.')
+    return lstm_sequence(params, (c, h), x, self.unroll, self.custom_grad)
+
+  def step(self, carry, x_BxD):
+    """One decoding step with the sequence's params: ((c, h), x_BxD) -> ((c', h'), h')."""
+    if x_BxD.ndim != 2:
+      raise ValueError(f'LSTM.step takes one step of inputs (B, D); got {x_BxD.shape}.')
+    return self(carry, x_BxD)
+
+  @nn.nowrap
+  def zero_carry(self, batch: int, dtype=jnp.float32):
+    """Zero (c, h) for a batch, as `OptimizedLSTMCell.initialize_carry` gives."""
+    z = jnp.zeros((batch, self.features), dtype)
+    return z, z
+
+
+def lstm_params_from_cell(cell_params) -> dict[str, Array]:
+  """Maps `nn.OptimizedLSTMCell` params ({'ii': {'kernel'}, ..., 'ho': {'kernel', 'bias'}})."""
+  cat = lambda name, leaf: jnp.concatenate([cell_params[name + g][leaf] for g in 'ifgo'], -1)
+  return {'input_kernel': cat('i', 'kernel'), 'recurrent_kernel': cat('h', 'kernel'),
+          'bias': cat('h', 'bias')}
