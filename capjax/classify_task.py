@@ -19,7 +19,7 @@ from absl import logging
 from capjax import classify_eval, run_files
 from capjax.data import classify_pipeline, classify_tfds
 from capjax.errors import UserError
-from capjax.models import classifier
+from capjax.models import classifier, layers
 from capjax.train import checkpoint, classify_steps, loop, sharding
 from capjax.train import state as state_lib
 from capjax.train.optim import make_optimizer
@@ -80,15 +80,6 @@ def load_splits(config, splits=('train', 'validation', 'test')) -> tuple[dict, l
   return sources, classify_tfds.class_names(builder)
 
 
-def _conv_module(name: str):
-  if name == 'flax':
-    return nn.Conv
-  if name == 'layers':
-    from capjax.models import layers  # pylint: disable=import-outside-toplevel
-    return layers.Conv
-  raise UserError(f"config.model.conv={name!r} is unknown; use 'flax' or 'layers'.")
-
-
 def build_model(model_config, num_classes: int) -> nn.Module:
   """The classifier that config.model describes (a preset plus the fields that are set)."""
   m = model_config
@@ -108,7 +99,7 @@ def build_model(model_config, num_classes: int) -> nn.Module:
       kwargs[key] = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(
           value)
   return preset(num_classes=num_classes, dropout=float(m.dropout), dtype=jnp.dtype(m.dtype),
-                conv=_conv_module(m.get('conv', 'flax')), **kwargs)
+                conv=layers.conv_by_name(m.get('conv', 'flax')), **kwargs)
 
 
 def model_label(model_config) -> str:

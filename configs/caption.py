@@ -7,8 +7,9 @@ Arguments:
             default for the real data sets), tiny_cnn, resnet50, xception (Keras layout;
             weights from --config.model.encoder_weights=FILE.h5, random init without),
             resnet_tiny (tests)
-  decoder=  inject (init-inject; par-inject with every_step, the shapes default), merge
-            (the Keras seed's merge model), attention (Show, Attend and Tell)
+  decoder=  inject (Show and Tell: init-inject; par-inject with every_step), merge (the
+            Keras seed's merge model; default for the real data sets), attention (Show,
+            Attend and Tell; the shapes default)
   runlocal  shrinks everything to a seconds-long smoke run
 
 resnet50 and xception are frozen by default (config.optim.encoder_lr_scale=0): their features
@@ -33,7 +34,7 @@ def get_config(arg=None):
     raise UserError(f"configs/caption.py: dataset={arg.dataset!r} is unknown; use shapes, "
                     f"{', '.join(REAL_DATASETS)}.")
   arg.encoder = arg.encoder or ('cnn' if real else 'shapes_cnn')
-  arg.decoder = arg.decoder or ('merge' if real else 'inject')
+  arg.decoder = arg.decoder or ('merge' if real else 'attention')
   c = ml_collections.ConfigDict()
   c.task = 'caption'
   c.seed = 0
@@ -68,9 +69,9 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict(dict(
       encoder=arg.encoder, decoder=arg.decoder, widths=(64, 64, 128, 128),
-      strides=(1, 1, 2, 1), norm=True, every_step=True, embed_dim=128, hidden=256, pool='flatten', dropout=0.0, attn_dim=128,
+      strides=(1, 1, 2, 1), norm=True, every_step=True, embed_dim=128, hidden=256, pool='flatten', dropout=0.0, attn_dim=128, score='additive', unroll=1,
       attention_reg=0.01,
-      dtype='float32', patch=4, merge='add', feature_norm=False,
+      dtype='float32', patch=4, conv='flax', merge='add', feature_norm=False,
       encoder_weights=ml_collections.FieldReference(None, field_type=str)))  # Keras .h5 file.
 
   c.train = ml_collections.ConfigDict(dict(
@@ -87,18 +88,36 @@ def get_config(arg=None):
 
   if real:
     _real_data_set(c, arg)
+  else:
+    _shapes_defaults(c)
 
   if arg.runlocal:
     c.shapes.update(image_size=32, num_train=256, num_validation=32, num_test=32)
     c.model.update(encoder='tiny_cnn', embed_dim=16, hidden=32)
     c.train.update(steps=20, batch_size=16, log_every=5, eval_every=10,
                    checkpoint_every=10)
-    c.eval.update(batch_size=16, meteor=False, num_samples=4)
+    c.eval.update(batch_size=16, meteor=False, num_samples=4, decoding='greedy')
     if real:
       c.data.update(image_size=32, in_memory=True, feature_batch_size=16)
       c.vocab.min_freq = 1
       c.eval.update(decoding='greedy', attention_plots=1)
   return c
+
+
+def _shapes_defaults(c) -> None:
+  """The embedded default, sized to train and evaluate in < 10 minutes on a 2-core CPU.
+
+  Measured on shapes (docs/captioning.md): LayerNorm in the encoder and a flattened
+  inject feature both keep the model from telling shapes apart (a translation-specific
+  Dense must relearn every shape at every position); attention over the grid shares one
+  detector across positions. Dot-product scores cost a third of additive ones on a CPU,
+  and batch 32 at twice the steps beat batch 64 in equal time.
+  """
+  c.model.update(norm=False, score='dot')
+  c.train.update(steps=2200, batch_size=32, eval_every=550, checkpoint_every=550)
+  c.optim.learning_rate = 4e-3
+  # Beam 3 fixes most greedy slips in 3-object scenes (76% -> 86.5% exact in one measured run).
+  c.eval.update(decoding='beam', beam_size=3)
 
 
 def _real_data_set(c, arg) -> None:

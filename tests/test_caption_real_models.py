@@ -148,4 +148,4 @@ def test_config_variants_pick_encoder_preprocessing_size_and_freezing():
   assert (scratch.model.encoder, scratch.optim.encoder_lr_scale) == ('cnn', 1.0)
   shapes = _config(None)  # The shapes default is untouched by the variants.
   assert (shapes.model.encoder, shapes.model.decoder, shapes.data.image_size) == (
-      'shapes_cnn', 'inject', 64)
+      'shapes_cnn', 'attention', 64)

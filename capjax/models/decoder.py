@@ -182,14 +182,18 @@ class AttendStep(nn.Module):
   """One step of Show, Attend and Tell: attend over the grid, then an LSTM step."""
   hidden: int
   attn_dim: int
+  score: str = 'additive'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, carry, x_BxE, keys_BxNxA, values_BxNxD):
     c, h = carry
     query = nn.Dense(self.attn_dim, dtype=self.dtype, name='query')(h)
-    energy = nn.Dense(1, dtype=self.dtype, name='energy')(
-        jnp.tanh(keys_BxNxA + query[:, None, :]))[..., 0]
+    if self.score == 'dot':  # Luong: one B x N contraction per step, cheap on a CPU.
+      energy = jnp.einsum('bna,ba->bn', keys_BxNxA, query) / jnp.sqrt(self.attn_dim)
+    else:  # Bahdanau: an attn_dim-wide tanh layer over every cell, every step.
+      energy = nn.Dense(1, dtype=self.dtype, name='energy')(
+          jnp.tanh(keys_BxNxA + query[:, None, :]))[..., 0]
     alpha_BxN = jax.nn.softmax(energy.astype(jnp.float32), -1)
     context = jnp.einsum('bn,bnd->bd', alpha_BxN.astype(values_BxNxD.dtype), values_BxNxD)
     # The gate lets the model say "no image needed here" (articles, relations).
@@ -209,6 +213,8 @@ class AttentionDecoder(nn.Module):
   embed_dim: int = 128
   hidden: int = 256
   attn_dim: int = 128
+  score: str = 'additive'  # 'additive' (Bahdanau, as in the paper) or 'dot' (Luong).
+  unroll: int = 1  # Time steps per loop iteration of the training scan.
   dropout: float = 0.0
   feature_norm: bool = False
   dtype: Any = jnp.float32
@@ -220,7 +226,7 @@ class AttentionDecoder(nn.Module):
     self.init_h = nn.Dense(self.hidden, dtype=self.dtype, name='init_h')
     self.init_c = nn.Dense(self.hidden, dtype=self.dtype, name='init_c')
     self.embed = nn.Embed(self.vocab_size, self.embed_dim, name='embed')
-    self.cell = AttendStep(self.hidden, self.attn_dim, self.dtype, name='attend')
+    self.cell = AttendStep(self.hidden, self.attn_dim, self.score, self.dtype, name='attend')
     self.drop = nn.Dropout(self.dropout)
     self.out = nn.Dense(self.vocab_size, dtype=jnp.float32, name='out')
 
@@ -241,7 +247,7 @@ class AttentionDecoder(nn.Module):
     xs = self.drop(self.embed(tokens_BxL[:, :-1]), deterministic=not train)
     scan = nn.scan(lambda cell, carry, x, k, v: cell(carry, x, k, v),
                    variable_broadcast='params', split_rngs={'params': False},
-                   in_axes=(1, nn.broadcast, nn.broadcast), out_axes=1)
+                   in_axes=(1, nn.broadcast, nn.broadcast), out_axes=1, unroll=self.unroll)
     _, (outs_BxTxF, alphas_BxTxN) = scan(self.cell, carry, xs, keys, values)
     self.sow('intermediates', 'attention', alphas_BxTxN)
     return self.out(self.drop(outs_BxTxF, deterministic=not train))

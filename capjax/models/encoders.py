@@ -10,7 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from capjax.models import cnn, resnet, xception
+from capjax.models import cnn, layers, resnet, xception
 
 # The preprocessing each Keras backbone's ImageNet weights were trained with.
 _PREPROCESS = {'caffe': resnet.preprocess_caffe, 'tf': xception.preprocess_tf}
@@ -45,7 +45,8 @@ def build_encoder(model_config, dtype: Any = jnp.float32) -> nn.Module:
   m = model_config
   if m.encoder in ('shapes_cnn', 'cnn'):  # One small CNN; 'cnn' names it for photos.
     return cnn.CaptionEncoder(widths=tuple(m.widths), strides=tuple(m.strides), norm=m.norm,
-                              patch=int(m.get('patch', 4)), dtype=dtype)
+                              patch=int(m.get('patch', 4)), dtype=dtype,
+                              conv=layers.conv_by_name(m.get('conv', 'flax')))
   if m.encoder == 'tiny_cnn':
     return cnn.CaptionEncoderTiny(dtype=dtype)
   if m.encoder in KERAS_BACKBONES:

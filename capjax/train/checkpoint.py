@@ -102,6 +102,15 @@ def _mute_closed_loop_callbacks() -> None:
 
   hook.capjax_mutes_closed_loop = True
   sys.unraisablehook = hook
+  # The same in-flight reads can also end as tasks whose failure nobody awaited; asyncio logs
+  # each with its traceback when the task is collected.
+  std_logging.getLogger('asyncio').addFilter(_drop_orphaned_read_tasks)
+
+
+def _drop_orphaned_read_tasks(record: std_logging.LogRecord) -> bool:
+  """False (drop) for asyncio's report of an un-awaited failed orbax array read."""
+  text = record.getMessage()
+  return not (text.startswith('Task exception was never retrieved') and 'deserializ' in text)
 
 
 def _reason(e: Exception, limit: int = 160) -> str:
