@@ -67,11 +67,14 @@ def get_config(arg=None):
       skip_missing_images=False, in_memory=True, flip=False, feature_batch_size=32))
   c.vocab = ml_collections.ConfigDict(dict(min_freq=1, max_size=10000))
 
+  # conv: 'flax' (nn.Conv) or 'layers' (capjax.models.layers.Conv, faster weight gradients on
+  # small grids). score: attention scores, 'additive' (Bahdanau) or 'dot' (Luong).
   c.model = ml_collections.ConfigDict(dict(
       encoder=arg.encoder, decoder=arg.decoder, widths=(64, 64, 128, 128),
-      strides=(1, 1, 2, 1), norm=True, every_step=True, embed_dim=128, hidden=256, pool='flatten', dropout=0.0, attn_dim=128, score='additive', unroll=1,
-      attention_reg=0.01,
-      dtype='float32', patch=4, conv='flax', merge='add', feature_norm=False,
+      strides=(1, 1, 2, 1), patch=4, norm=True, conv='flax',
+      embed_dim=128, hidden=256, pool='flatten', every_step=True, dropout=0.0,
+      attn_dim=128, score='additive', unroll=1, attention_reg=0.01,
+      merge='add', feature_norm=False, dtype='float32',
       encoder_weights=ml_collections.FieldReference(None, field_type=str)))  # Keras .h5 file.
 
   c.train = ml_collections.ConfigDict(dict(

@@ -43,7 +43,9 @@ class CaptionEncoder(nn.Module):
   def __call__(self, images_BxHxWx3: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     del train  # No dropout or batch statistics in this encoder.
     # LayerNorm (per position, no batch statistics) keeps every layer's output at
-    # unit scale, so image features reach the LSTM as strongly as word embeddings.
+    # unit scale, so image features reach the LSTM as strongly as word embeddings. It
+    # also made a single-object shape probe on `shapes` stay near chance (30% vs 79%
+    # without it after 200 steps), so the shapes default turns it off.
     norm = (lambda name: nn.LayerNorm(dtype=self.dtype, name=name)) if self.norm else (
         lambda name: lambda x: x)
     x = images_BxHxWx3.astype(self.dtype) / 127.5 - 1.0
