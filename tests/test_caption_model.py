@@ -20,6 +20,7 @@ DECODERS = {
     'inject': lambda: decoder.InjectDecoder(V, 8, 16),
     'par_inject': lambda: decoder.InjectDecoder(V, 8, 16, every_step=True),
     'attention': lambda: decoder.AttentionDecoder(V, 8, 16, attn_dim=8),
+    'attention_dot': lambda: decoder.AttentionDecoder(V, 8, 16, attn_dim=8, score='dot'),
 }
 
 

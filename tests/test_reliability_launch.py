@@ -25,6 +25,7 @@ CASES = [
      'config.shapes.image_size=30 must be a multiple of 4'),
     ([CAPTION, '--config.train.nan_policy=ignore'], "config.train.nan_policy='ignore'"),
     ([CAPTION, '--config.model.widths=abc'], 'config.model.widths'),
+    ([CAPTION, '--config.model.score=foo'], "config.model.score='foo'"),
     ([CAPTION, '--config.tfds_dir={tmp}/a_file'], 'config.tfds_dir='),
     ([CAPTION, '--workdir={tmp}/a_file'], '--workdir={tmp}/a_file is a file'),
     ([CAPTION, '--mode=eval'], 'holds no checkpoints'),
