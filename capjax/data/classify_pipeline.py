@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from capjax.data.pipeline import local_batch_size
 from capjax.errors import UserError
 
 # ITU-R 601 luma weights, for the greyscale used by contrast and saturation jitter.
@@ -238,7 +239,7 @@ def train_dataset(source: Sequence[dict], *, batch_size: int, seed: int, image_s
   config.augment. With mixup/cutmix on, every batch also carries 'label_b' and 'mix'
   (see `mix_batch`), so the train step's inputs have the same structure every step.
   """
-  local_batch = _local_batch_size(batch_size)
+  local_batch = local_batch_size(batch_size)
   aug = Augment.from_config(aug)
 
   def prep(example, rng: np.random.Generator):
@@ -267,7 +268,7 @@ def eval_dataset(source: Sequence[dict], *, batch_size: int, image_size: int,
   Batches are {'image', 'label', 'index', 'valid'}; 'valid' is False on the padding rows
   (repeats of the first examples), which metrics must leave out.
   """
-  local_batch = _local_batch_size(batch_size)
+  local_batch = local_batch_size(batch_size)
   n = len(source)
   padded = -(-n // batch_size) * batch_size
 
@@ -280,10 +281,3 @@ def eval_dataset(source: Sequence[dict], *, batch_size: int, image_size: int,
   ds = grain.MapDataset.range(padded).map(prep)
   ds = ds[jax.process_index()::jax.process_count()]
   return ds.batch(local_batch)
-
-
-def _local_batch_size(batch_size: int) -> int:
-  if batch_size % jax.process_count():
-    raise UserError(f'config.train.batch_size={batch_size} must be divisible by the '
-                    f'number of processes ({jax.process_count()}).')
-  return batch_size // jax.process_count()

@@ -38,7 +38,7 @@ def caption_train_dataset(source: Sequence[dict], vocab: Vocabulary, *,
   mirrored left-right half of the time.
   `batch_size` is the global batch; each process gets its own slice of it.
   """
-  local_batch = _local_batch_size(batch_size)
+  local_batch = local_batch_size(batch_size)
 
   def pick(example, rng: np.random.Generator):
     captions = example['captions']
@@ -66,7 +66,7 @@ def caption_eval_dataset(source: Sequence[dict], vocab: Vocabulary, *,
   with fewer than `max_refs` references (COCO has 5 to 7) get all-<pad> rows, which the
   loss masks out; by default every image must have as many as the first.
   """
-  local_batch = _local_batch_size(batch_size)
+  local_batch = local_batch_size(batch_size)
 
   def prep(index_and_example):
     index, example = index_and_example
@@ -86,7 +86,8 @@ def caption_eval_dataset(source: Sequence[dict], vocab: Vocabulary, *,
   return ds.batch(local_batch)
 
 
-def _local_batch_size(batch_size: int) -> int:
+def local_batch_size(batch_size: int) -> int:
+  """This process's share of a global batch (each process loads only its own rows)."""
   if batch_size % jax.process_count():
     raise UserError(f'config.train.batch_size={batch_size} must be divisible by the '
                      f'number of processes ({jax.process_count()}).')
