@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from capjax.models import layers
+from capjax.models import lstm as lstm_lib
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 
@@ -118,15 +119,15 @@ def _lstm_reference():
   out = jax.jit(apply_fn)(cell_params, carry, x)
   grads = jax.jit(jax.grad(functools.partial(_seq_loss, apply_fn), argnums=(0, 1, 2)))(
       cell_params, carry, x)
-  return out, (layers.lstm_params_from_cell(grads[0]),) + grads[1:]
+  return out, (lstm_lib.lstm_params_from_cell(grads[0]),) + grads[1:]
 
 
 @pytest.mark.parametrize('unroll,custom_grad', [(1, True), (4, True), (1, False)])
 def test_lstm_values_and_grads_equal_optimized_lstm_cell(unroll, custom_grad):
   x, carry, cell_params = _lstm_inputs()
-  lstm = layers.LSTM(H, unroll=unroll, custom_grad=custom_grad)
+  lstm = lstm_lib.LSTM(H, unroll=unroll, custom_grad=custom_grad)
   apply_fn = lambda p, c, x_: lstm.apply({'params': p}, c, x_)
-  params = layers.lstm_params_from_cell(cell_params)
+  params = lstm_lib.lstm_params_from_cell(cell_params)
   out = jax.jit(apply_fn)(params, carry, x)
   grads = jax.jit(jax.grad(functools.partial(_seq_loss, apply_fn), argnums=(0, 1, 2)))(
       params, carry, x)
@@ -137,8 +138,8 @@ def test_lstm_values_and_grads_equal_optimized_lstm_cell(unroll, custom_grad):
 
 def test_lstm_step_by_step_equals_sequence():
   x, carry, cell_params = _lstm_inputs()
-  variables = {'params': layers.lstm_params_from_cell(cell_params)}
-  lstm = layers.LSTM(H)
+  variables = {'params': lstm_lib.lstm_params_from_cell(cell_params)}
+  lstm = lstm_lib.LSTM(H)
   (c_seq, h_seq), y_seq = jax.jit(lstm.apply)(variables, carry, x)
   step = jax.jit(functools.partial(lstm.apply, method='step'))
   c = carry
@@ -150,10 +151,10 @@ def test_lstm_step_by_step_equals_sequence():
 
 def test_lstm_init_matches_cell_shapes_and_none_carry_is_zeros():
   x, _, cell_params = _lstm_inputs()
-  lstm = layers.LSTM(H)
+  lstm = lstm_lib.LSTM(H)
   variables = jax.jit(lstm.init)(jax.random.PRNGKey(3), None, x)
   assert jax.tree.map(jnp.shape, variables['params']) == jax.tree.map(
-      jnp.shape, layers.lstm_params_from_cell(cell_params))
+      jnp.shape, lstm_lib.lstm_params_from_cell(cell_params))
   apply = jax.jit(lstm.apply)
   zeros = (jnp.zeros((B, H)), jnp.zeros((B, H)))
   _assert_trees_close(apply(variables, None, x), apply(variables, zeros, x))
