@@ -49,8 +49,8 @@ def build_model(config, vocab_size: int) -> Captioner:
   elif m.decoder == 'merge':
     dec = decoder.MergeDecoder(vocab_size, merge=m.get('merge', 'add'), **common)
   elif m.decoder == 'attention':
-    dec = decoder.AttentionDecoder(vocab_size, attn_dim=m.attn_dim, score=m.get('score', 'additive'),
-                                   unroll=int(m.get('unroll', 1)), **common)
+    dec = decoder.AttentionDecoder(vocab_size, attn_dim=m.attn_dim,
+                                   score=m.get('score', 'additive'), **common)
   else:
     raise UserError(f'config.model.decoder={m.decoder!r} is unknown; use one of '
                     f'{", ".join(DECODERS)}.')

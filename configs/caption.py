@@ -73,7 +73,7 @@ def get_config(arg=None):
       encoder=arg.encoder, decoder=arg.decoder, widths=(64, 64, 128, 128),
       strides=(1, 1, 2, 1), patch=4, norm=True, conv='flax',
       embed_dim=128, hidden=256, pool='flatten', every_step=True, dropout=0.0,
-      attn_dim=128, score='additive', unroll=1, attention_reg=0.01,
+      attn_dim=128, score='additive', attention_reg=0.01,
       merge='add', feature_norm=False, dtype='float32',
       encoder_weights=ml_collections.FieldReference(None, field_type=str)))  # Keras .h5 file.
 

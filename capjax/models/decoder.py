@@ -214,7 +214,6 @@ class AttentionDecoder(nn.Module):
   hidden: int = 256
   attn_dim: int = 128
   score: str = 'additive'  # 'additive' (Bahdanau, as in the paper) or 'dot' (Luong).
-  unroll: int = 1  # Time steps per loop iteration of the training scan.
   dropout: float = 0.0
   feature_norm: bool = False
   dtype: Any = jnp.float32
@@ -247,7 +246,7 @@ class AttentionDecoder(nn.Module):
     xs = self.drop(self.embed(tokens_BxL[:, :-1]), deterministic=not train)
     scan = nn.scan(lambda cell, carry, x, k, v: cell(carry, x, k, v),
                    variable_broadcast='params', split_rngs={'params': False},
-                   in_axes=(1, nn.broadcast, nn.broadcast), out_axes=1, unroll=self.unroll)
+                   in_axes=(1, nn.broadcast, nn.broadcast), out_axes=1)
     _, (outs_BxTxF, alphas_BxTxN) = scan(self.cell, carry, xs, keys, values)
     self.sow('intermediates', 'attention', alphas_BxTxN)
     return self.out(self.drop(outs_BxTxF, deterministic=not train))
