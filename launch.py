@@ -3,6 +3,7 @@
   python launch.py --config=configs/caption.py --workdir=/tmp/cap
   python launch.py --config=configs/caption.py:runlocal --workdir=/tmp/cap --config.train.steps=50
   python launch.py --mode=predict --workdir=/tmp/cap --images=a.jpg,b.png
+  python launch.py --config=configs/bench.py:task=classify --mode=bench
 
 Several processes (one per host or GPU; see docs/distributed.md), each with its own id:
   python launch.py ... --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0
@@ -20,7 +21,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:args].',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and results go.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'bench'],
+                          'What to do (bench: time the train step and input pipeline).')
 _IMAGES = flags.DEFINE_list('images', [], 'Image files to caption/classify (--mode=predict).')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, for multi-process runs '
@@ -91,7 +93,7 @@ def _config():
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}; every option is a --flag=value.')
-  if not _WORKDIR.value:
+  if not _WORKDIR.value and _MODE.value != 'bench':
     _fail('--workdir is required (the folder for checkpoints, metrics and results).')
   from capjax import distributed, run  # After flag parsing: keeps --help fast.
   try:

@@ -13,13 +13,18 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from capjax.errors import UserError
+from capjax.flops import model_flops
 from capjax.train import state as state_lib
 
 TASKS = ('classify', 'caption', 'encode', 'greedy')
+# Timing settings when a task config (configs/caption.py, ...) is benchmarked; configs/bench.py
+# sets its own.
+BENCH_DEFAULTS = dict(steps=10, warmup=3, peak_flops=0.0, pipeline_batches=50)
 
 
 def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -36,7 +41,8 @@ def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def compiled_flops(jitted, *args) -> float:
-  """FLOPs of one call, from XLA's cost analysis of the compiled program."""
+  """FLOPs of one call, from XLA's cost analysis of the compiled program (a loop's body is
+  counted once: see capjax.flops)."""
   cost = jitted.lower(*args).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get('flops', 0.0)) if cost else 0.0
@@ -142,25 +148,81 @@ def run_task(task: str, cfg, peak: float) -> dict:
   if task not in builders:
     raise UserError(f'config.bench.task={task!r} is unknown; use one of {TASKS}.')
   fn, args, donate, batch_size, extra = builders[task](cfg)
-  flops = compiled_flops(fn, *args)
-  median, _ = time_steps(fn, args, cfg.steps, cfg.warmup, donate)
-  row = {'task': task, 'impl': 'capjax', 'examples_per_s': batch_size / median,
-         'step_ms': 1000 * median, 'batch_size': batch_size, 'n_devices': jax.device_count(),
-         'device_kind': jax.devices()[0].device_kind, 'flops_per_step': flops,
-         'peak_flops': peak, 'mfu': flops / median / peak if peak else None}
+  row = timed_row(task, fn, args, batch_size, cfg, peak, donate)
   if 'tokens_per_example' in extra:
     row['tokens_per_s'] = row['examples_per_s'] * extra['tokens_per_example']
   return row
 
 
+def timed_row(task: str, fn, args, batch_size: int, cfg, peak: float, donate: bool) -> dict:
+  """Times `fn(*args)` and returns its result row; MFU counts its matmuls and convolutions
+  (capjax.flops), XLA's own count is kept alongside."""
+  flops = model_flops(fn, *args)  # Before timing: a donated state is gone afterwards.
+  xla_flops = compiled_flops(fn, *args)
+  median, _ = time_steps(fn, args, cfg.steps, cfg.warmup, donate)
+  return {'task': task, 'impl': 'capjax', 'examples_per_s': batch_size / median,
+          'step_ms': 1000 * median, 'batch_size': batch_size, 'n_devices': jax.device_count(),
+          'device_kind': jax.devices()[0].device_kind, 'flops_per_step': flops,
+          'xla_flops_per_step': xla_flops, 'peak_flops': peak,
+          'mfu': flops / median / peak if peak else None}
+
+
+def time_pipeline(iterator, batches: int, warmup: int = 5) -> float:
+  """Batches/s that a data iterator delivers on its own (no model running)."""
+  for _ in range(warmup):
+    next(iterator)
+  t = time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  return batches / (time.perf_counter() - t)
+
+
+def config_rows(config, cfg, peak: float) -> list[dict]:
+  """The real train step and input pipeline of a task config (configs/caption.py, ...).
+
+  Builds the run's own Job (data prepared as for training, in a throw-away workdir), times
+  the grain pipeline alone, then the jitted train step on one of its batches.
+  """
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from capjax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from capjax.train import sharding  # pylint: disable=import-outside-toplevel
+  from capjax.train.optim import make_optimizer  # pylint: disable=import-outside-toplevel
+  if config.task == 'caption':
+    from capjax import caption_task as task  # pylint: disable=import-outside-toplevel
+  else:
+    from capjax import classify_task as task  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as workdir:
+    job, _ = task.training_job(config, workdir)
+    iterator = pipeline.iterate(job.train_data, num_threads=config.data.num_threads)
+    batches_per_s = time_pipeline(iterator, cfg.pipeline_batches)
+    batch = sharding.put_batch(next(iterator), sharding.make_mesh())
+    state = state_lib.create(job.model, make_optimizer(config.optim, job.total_steps),
+                             jax.random.key(0), *job.sample_inputs)
+  step = jax.jit(job.train_step, donate_argnums=0)
+  b = config.train.batch_size
+  step_row = timed_row(f'{config.task}_train_step', step, (state, batch, jax.random.key(1)),
+                       b, cfg, peak, donate=True)
+  median = step_row['step_ms'] / 1000
+  if 'tokens' in batch:
+    step_row['tokens_per_s'] = step_row['examples_per_s'] * (batch['tokens'].shape[-1] - 1)
+  pipe_row = {'task': f'{config.task}_input_pipeline', 'impl': 'capjax',
+              'batches_per_s': batches_per_s, 'examples_per_s': batches_per_s * b,
+              'batch_size': b, 'num_threads': config.data.num_threads,
+              # > 1: the loader outruns the step it feeds (the goal is >= 3).
+              'batches_per_step_time': batches_per_s * median}
+  return [step_row, pipe_row]
+
+
 def main(config) -> list[dict]:
-  """Runs config.bench.task ('all' for every task), printing one JSON line per task."""
-  cfg = config.bench
+  """One JSON line per task: configs/bench.py's peer tasks (config.bench.task, 'all' for
+  every one), or the train step and input pipeline of any task config."""
+  cfg = config.get('bench') or ml_collections.ConfigDict(BENCH_DEFAULTS)
   peak = cfg.peak_flops or measure_peak_flops()
-  tasks = TASKS if cfg.task == 'all' else tuple(cfg.task.split('+'))
-  rows = []
-  for task in tasks:
-    row = run_task(task, cfg, peak)
+  if config.task != 'bench':
+    rows = config_rows(config, cfg, peak)
+  else:
+    tasks = TASKS if cfg.task == 'all' else tuple(cfg.task.split('+'))
+    rows = [run_task(task, cfg, peak) for task in tasks]
+  for row in rows:
     print(json.dumps(row), flush=True)
-    rows.append(row)
   return rows

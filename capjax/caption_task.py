@@ -156,12 +156,10 @@ def _scorer(config, source):
   return scene_accuracy(source) if config.dataset == 'shapes' else None
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains on the train split, then evaluates on config.eval.split; returns eval metrics."""
+def training_job(config, workdir: str) -> tuple[loop.Job, dict]:
+  """The loop's Job for `config`, and what evaluation needs after it (model, vocab, inputs,
+  sources). Writes the vocabulary (and a seeded encoder's step-0 checkpoint) into `workdir`."""
   _check(config)
-  os.makedirs(workdir, exist_ok=True)
-  run_files.save_config(config, workdir)
-  split = config.eval.split
   sources = load_splits(config)
   vocab = caption_data.vocabulary(config, workdir, caption_data.read_captions(sources['train']))
   caption_data.log_sizes(vocab, sources)
@@ -191,6 +189,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                  validate=lambda st: caption_eval.teacher_forced_metrics(
                      st, val_data, mesh, val.input_key),
                  total_steps=total)
+  return job, dict(model=model, vocab=vocab, inputs=inputs, sources=sources)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains on the train split, then evaluates on config.eval.split; returns eval metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  run_files.save_config(config, workdir)
+  job, ctx = training_job(config, workdir)
   outcome = loop.train(job, config, workdir)
   if outcome.interrupted:
     return {}
@@ -202,9 +208,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                            encoder_lr_scale=float(config.optim.get('encoder_lr_scale', 1.0)))
   plots.plot_curves(run_files.curves(workdir, ('loss', 'token_accuracy')),
                     os.path.join(workdir, 'loss_curve.png'), title='captioning')
-  return caption_eval.evaluate(model, outcome.state, vocab, inputs[split], config=config,
-                               workdir=workdir, split=split,
-                               scene_accuracy=_scorer(config, sources[split]))
+  split = config.eval.split
+  return caption_eval.evaluate(ctx['model'], outcome.state, ctx['vocab'], ctx['inputs'][split],
+                               config=config, workdir=workdir, split=split,
+                               scene_accuracy=_scorer(config, ctx['sources'][split]))
 
 
 def restore_model(config, workdir: str):

@@ -156,10 +156,9 @@ def restore_state(config, workdir: str, num_classes: int, total_steps: int = 1):
   return model, state
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains on the train split, then evaluates on config.eval.split; returns eval metrics."""
-  os.makedirs(workdir, exist_ok=True)
-  run_files.save_config(config, workdir)
+def training_job(config, workdir: str) -> tuple[loop.Job, dict]:
+  """The loop's Job for `config`, and what evaluation needs after it (splits, class names,
+  mean, std). Writes the normalisation statistics into `workdir`."""
   splits, class_names = load_splits(config)
   meta = normalisation(config, workdir, splits['train'], class_names)
   mean, std = np.asarray(meta['mean'], np.float32), np.asarray(meta['std'], np.float32)
@@ -182,6 +181,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   job = loop.Job(model=model, sample_inputs=_sample_inputs(size), train_data=train_data,
                  train_step=step, validate=validate,
                  total_steps=loop.total_steps(config, len(splits['train'])))
+  return job, dict(splits=splits, class_names=class_names, mean=mean, std=std)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains on the train split, then evaluates on config.eval.split; returns eval metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  run_files.save_config(config, workdir)
+  job, ctx = training_job(config, workdir)
   outcome = loop.train(job, config, workdir)
   if outcome.interrupted:
     return {}
@@ -189,10 +196,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                            model=model_label(config.model),
                            num_params=state_lib.num_params(outcome.state),
                            train_time_s=outcome.train_time_s, steps=outcome.step,
-                           image_size=size, batch_size=config.train.batch_size)
+                           image_size=config.data.image_size,
+                           batch_size=config.train.batch_size)
   split = config.eval.split
-  return classify_eval.evaluate(outcome.state, splits[split], class_names, config=config,
-                                workdir=workdir, split=split, mean=mean, std=std)
+  return classify_eval.evaluate(outcome.state, ctx['splits'][split], ctx['class_names'],
+                                config=config, workdir=workdir, split=split,
+                                mean=ctx['mean'], std=ctx['std'])
 
 
 def evaluate_workdir(config, workdir: str) -> dict:

@@ -15,7 +15,7 @@ from absl import logging
 from capjax.errors import UserError
 
 TASKS = ('caption', 'classify')
-MODES = ('train', 'eval', 'predict')
+MODES = ('train', 'eval', 'predict', 'bench')
 STEM_PATCH = 4  # The caption encoders' space-to-depth tile (capjax.models.cnn.CaptionEncoder).
 
 
@@ -150,6 +150,25 @@ def validate(config) -> None:
       raise UserError(f'config.{field}={path!r} is a file; point it at a folder.')
 
 
+def _bench(config, workdir: str | None) -> None:
+  """--mode=bench: one JSON line per benchmark on stdout, also appended to
+  WORKDIR/bench.jsonl when a workdir is given."""
+  if config is None:
+    raise UserError('--mode=bench needs --config (configs/bench.py:task=..., or a task config '
+                    'such as configs/caption.py to time its own train step).')
+  if config.get('task') != 'bench':
+    validate(config)
+  import json  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  tfds.disable_progress_bar()
+  from capjax import bench  # pylint: disable=import-outside-toplevel
+  rows = bench.main(config)
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'bench.jsonl'), 'a') as f:
+      f.writelines(json.dumps(r) + '\n' for r in rows)
+
+
 def _check_workdir(workdir: str, mode: str) -> None:
   """Refuses a workdir that cannot work, before anything is written into it."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -176,12 +195,15 @@ def _log_filter(record: std_logging.LogRecord) -> bool:
 
 
 def main(config, workdir: str, mode: str, images=()) -> None:
-  """Runs `mode` ('train', 'eval', 'predict') for `config` in `workdir`."""
+  """Runs `mode` ('train', 'eval', 'predict', 'bench') for `config` in `workdir`."""
   if mode not in MODES:
     raise UserError(f'--mode={mode} is unknown; use one of {", ".join(MODES)}.')
+  logging.get_absl_handler().addFilter(_log_filter)
+  if mode == 'bench' or (config is not None and config.get('task') == 'bench'):
+    _bench(config, workdir)
+    return
   if not workdir:
     raise UserError('--workdir is required.')
-  logging.get_absl_handler().addFilter(_log_filter)
   if mode == 'predict':
     from capjax import predict
     predict.main(workdir, images)

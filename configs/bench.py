@@ -2,6 +2,9 @@
 
   python launch.py --config=configs/bench.py:task=classify --mode=bench
   task= classify | caption | encode | greedy | all (or a+b)
+
+Any task config is benchmarked the same way (its real train step and input pipeline):
+  python launch.py --config=configs/caption.py --mode=bench
 """
 import ml_collections
 
@@ -17,6 +20,6 @@ def get_config(arg=None):
       task=arg.task,
       conv=arg.conv,            # 'fast' (capjax.models.layers.Conv) or 'flax' (nn.Conv).
       batch_size=arg.batch_size,  # 0: the peer's batch for the task.
-      steps=10, warmup=3, dtype='float32',
+      steps=10, warmup=3, dtype='float32', pipeline_batches=50,
       peak_flops=0.0))          # 0: measure with a large f32 matmul.
   return c

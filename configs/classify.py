@@ -50,12 +50,13 @@ def get_config(arg=None):
       contrast=0.2, saturation=0.2, mixup_alpha=0.0, cutmix_alpha=0.0))
 
   # name: a preset of capjax.models.classifier.PRESETS. The other fields override the
-  # preset where set (0 / () keep its value). conv: 'flax' (nn.Conv) or 'layers'
-  # (capjax.models.layers.Conv).
+  # preset where set (0 / () keep its value). conv: 'layers' (capjax.models.layers.Conv:
+  # nn.Conv's values with a matmul weight gradient, 2.4x faster for SimpleCNN's train step
+  # at batch 128 on the 2-core CPU) or 'flax' (nn.Conv).
   c.model = ml_collections.ConfigDict(dict(
       name=arg.model or _DEFAULT_MODEL.get(arg.dataset, 'simple_cnn'), widths=(),
       convs_per_stage=0, stage_sizes=(), stem_width=0, stem_stride=0, dropout=0.0,
-      dtype='float32', conv='flax'))
+      dtype='float32', conv='layers'))
 
   # Tiny ImageNet30: 2000 steps of 128 = 19 epochs of 13,500 images, ~50-55 minutes for the
   # resnet preset on an idle 2-core CPU (proportionally longer when the machine is shared).
@@ -74,7 +75,8 @@ def get_config(arg=None):
     c.augment.update(crop_padding=2, brightness=0.1, contrast=0.1, saturation=0.1)
     if not arg.model:
       c.model.widths = (16, 32, 64, 128)
-    c.train.update(steps=1200, batch_size=64, eval_every=300, checkpoint_every=300)
+    # 1200 steps reached 98.1% validation accuracy, and 96.9% at step 900 of that schedule.
+    c.train.update(steps=900, batch_size=64, eval_every=300, checkpoint_every=300)
     c.optim.update(name='adamw', learning_rate=3e-3, warmup_steps=50,
                    final_lr_fraction=0.02, weight_decay=1e-4)
   elif arg.dataset not in ('tiny_imagenet30', 'image_folder'):

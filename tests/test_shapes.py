@@ -1,4 +1,7 @@
 """The shapes world: renderer determinism, grammar <-> parser round trip."""
+import importlib.util
+import os
+
 import numpy as np
 import pytest
 
@@ -66,3 +69,16 @@ def test_objects_are_drawn_in_their_colour_where_the_scene_says():
 def test_scene_json_round_trip():
   scene = shapes.example(0, 'train', 5)['scene']
   assert shapes.Scene.from_json(scene.to_json()) == scene
+
+
+def test_max_caption_words_is_the_longest_caption_and_the_default_length_fits_it():
+  rng = np.random.default_rng(0)
+  longest = max(len(shapes.describe(shapes.sample_scene(rng), rng).split())
+                for _ in range(3000))
+  assert longest == shapes.max_caption_words() == 17
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'caption.py')
+  spec = importlib.util.spec_from_file_location('caption_cfg', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  # <start> + words + <end>, no more: the decoder scans caption_length - 1 steps.
+  assert module.get_config().data.caption_length == shapes.max_caption_words() + 2

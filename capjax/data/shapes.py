@@ -281,3 +281,9 @@ def words() -> Sequence[str]:
     for t in templates:
       vocab |= set(re.sub(r'\{\d\}', ' ', t).split())
   return sorted(vocab)
+
+
+def max_caption_words() -> int:
+  """The grammar's longest caption in words (every object phrase is 'a <size> <colour> <shape>')."""
+  return max(len(re.sub(r'\{\d\}', ' ', t).split()) + 4 * n
+             for (n, _), templates in _TEMPLATES.items() for t in templates)

@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from capjax.models import layers
+
 ModuleDef = Any
 
 # He initialisation for convs followed by ReLU (as torchvision's ResNets): Flax's default
@@ -55,7 +57,7 @@ class CNN(nn.Module):
         x = self.conv(width, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype,
                       kernel_init=_CONV_INIT, name=f'stage{s}_conv{j}')(x)
         x = nn.relu(norm(name=f'stage{s}_bn{j}')(x))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = layers.max_pool(x, (2, 2))  # nn.max_pool's equal, ~10x faster on XLA:CPU.
     x_BxD = jnp.mean(x, axis=(1, 2))
     x_BxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxD)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x_BxD)

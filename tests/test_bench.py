@@ -1,0 +1,95 @@
+"""The benchmark mode: FLOP counting, result rows, and the launch.py wiring."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from capjax import bench
+from capjax.flops import model_flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_config(name, arg):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_model_flops_counts_every_scan_iteration():
+  x, w = jnp.ones((8, 16)), jnp.ones((16, 16))
+
+  def f(x, w):
+    return jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=7)[0]
+
+  assert model_flops(jax.jit(f), x, w) == 7 * 2 * 8 * 16 * 16
+  # XLA's cost analysis sees the loop body once: the reason capjax.flops exists.
+  assert bench.compiled_flops(jax.jit(f), x, w) < 2 * 2 * 8 * 16 * 16
+
+
+def test_model_flops_of_a_strided_conv_and_its_weight_gradient():
+  conv = nn.Conv(32, (3, 3), strides=2)
+  x = jnp.ones((4, 16, 16, 8))
+  v = conv.init(jax.random.key(0), x)
+  forward = 2 * 4 * 8 * 8 * 32 * (3 * 3 * 8)  # 2 x outputs x kernel taps.
+  assert model_flops(conv.apply, v, x) == forward
+  # d/dkernel is one more convolution of the same size (no input gradient is needed).
+  grad = jax.grad(lambda v, x: conv.apply(v, x).sum())
+  assert model_flops(grad, v, x) == 2 * forward
+
+
+def test_model_flops_agree_with_xla_on_a_loop_free_mlp():
+  mlp = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(10)])
+  x = jnp.ones((32, 48))
+  v = mlp.init(jax.random.key(0), x)
+  ours = model_flops(mlp.apply, v, x)
+  assert ours == 2 * 32 * (48 * 64 + 64 * 10)
+  xla = bench.compiled_flops(jax.jit(mlp.apply), v, x)
+  assert abs(xla - ours) / ours < 0.05  # XLA adds the bias and ReLU elementwise work.
+
+
+def _tiny_bench(**kw):
+  return ml_collections.ConfigDict(dict(conv='fast', batch_size=4, steps=2, warmup=1,
+                                        dtype='float32', pipeline_batches=3, **kw))
+
+
+def test_greedy_row_counts_all_twenty_decoding_steps():
+  row = bench.run_task('greedy', _tiny_bench(), peak=1e11)
+  out_layer = 2 * 4 * 512 * 5000  # hidden -> vocab, once per generated token.
+  assert row['flops_per_step'] >= 20 * out_layer
+  assert row['flops_per_step'] < 20 * out_layer * 3  # The LSTM costs less than the output.
+  assert row['examples_per_s'] == pytest.approx(4 / (row['step_ms'] / 1000))
+  assert row['mfu'] == pytest.approx(row['flops_per_step'] / (row['step_ms'] / 1000) / 1e11)
+
+
+def test_a_task_config_benchmarks_its_train_step_and_input_pipeline(tmp_path):
+  config = _load_config('caption', 'runlocal')
+  config.tfds_dir = str(tmp_path / 'tfds')
+  config.unlock()
+  config.bench = _tiny_bench(peak_flops=1e11)
+  step, pipe = bench.main(config)
+  assert step['task'] == 'caption_train_step' and step['batch_size'] == 16
+  assert step['flops_per_step'] > 0 and step['tokens_per_s'] > step['examples_per_s']
+  assert pipe['task'] == 'caption_input_pipeline' and pipe['batches_per_s'] > 0
+  assert pipe['batches_per_step_time'] == pytest.approx(
+      pipe['batches_per_s'] * step['step_ms'] / 1000)
+
+
+def test_launch_bench_mode_prints_one_json_line_per_task(tmp_path):
+  out = subprocess.run(
+      [sys.executable, 'launch.py', '--config=configs/bench.py:task=greedy+caption',
+       '--mode=bench', f'--workdir={tmp_path}', '--config.bench.batch_size=4',
+       '--config.bench.steps=2', '--config.bench.warmup=1', '--config.bench.peak_flops=1e11'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{')]
+  assert [r['task'] for r in rows] == ['greedy', 'caption']
+  with open(tmp_path / 'bench.jsonl') as f:
+    assert [json.loads(line)['task'] for line in f] == ['greedy', 'caption']
