@@ -77,7 +77,7 @@ def test_feature_train_step_golden_value_and_equal_to_the_image_step_on_its_feat
     losses.append(float(metrics['loss']))
   np.testing.assert_allclose(losses[0], from_images['loss'], rtol=1e-6)
   # Recorded from this implementation (f32, CPU); a change here means the maths changed.
-  np.testing.assert_allclose(losses, [2.375401, 2.276669, 2.191046], rtol=2e-4)
+  np.testing.assert_allclose(losses, [2.339468, 2.249600, 2.170534], rtol=2e-4)
 
 
 def test_encoder_lr_scale_zero_freezes_the_encoder_and_a_small_scale_moves_it_less():

@@ -1,8 +1,11 @@
 """LSTM caption decoders: init-/par-inject (Show and Tell), merge, and Show-Attend-Tell.
 
-Training runs the whole sequence with teacher forcing under `nn.scan`; decoding
-calls the very same cell one step at a time (`start` + `step`), so greedy and beam
-search share the trained weights without any reshaping.
+Training runs the whole sequence with teacher forcing in one scan; decoding calls the very
+same LSTM one step at a time (`start` + `step`), so greedy and beam search share the trained
+weights without any reshaping. Inject and merge use `capjax.models.lstm.LSTM` (OptimizedLSTMCell's
+maths with the input projection hoisted out of the scan and a hand-written backward pass: 1.4x
+faster forward + backward at the benchmark's 64 x 20 x 512 on the 2-core CPU); attention's LSTM
+input depends on each step's context, so it keeps flax's cell inside its scan.
 """
 from __future__ import annotations
 
@@ -12,12 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
-def _scan_cell(cell, carry, xs_BxTxE):
-  """Runs `cell` over time with shared params (the flax seq2seq/sst2 pattern)."""
-  scan = nn.scan(lambda c, carry, x: c(carry, x), variable_broadcast='params',
-                 split_rngs={'params': False}, in_axes=1, out_axes=1)
-  return scan(cell, carry, xs_BxTxE)
+from capjax.models import lstm
 
 
 class InjectDecoder(nn.Module):
@@ -41,7 +39,7 @@ class InjectDecoder(nn.Module):
     self.init_h = nn.Dense(self.hidden, dtype=self.dtype, name='init_h')
     self.init_c = nn.Dense(self.hidden, dtype=self.dtype, name='init_c')
     self.embed = nn.Embed(self.vocab_size, self.embed_dim, name='embed')
-    self.cell = nn.OptimizedLSTMCell(self.hidden, dtype=self.dtype, name='lstm')
+    self.lstm = lstm.LSTM(self.hidden, dtype=self.dtype, name='lstm')
     self.drop = nn.Dropout(self.dropout)
     self.out = nn.Dense(self.vocab_size, dtype=jnp.float32, name='out')
 
@@ -66,14 +64,14 @@ class InjectDecoder(nn.Module):
     if self.every_step:
       xs = jnp.concatenate([xs, jnp.broadcast_to(v_BxE[:, None, :], xs.shape)], -1)
     xs = self.drop(xs, deterministic=not train)
-    _, hs_BxTxH = _scan_cell(self.cell, carry, xs)
+    _, hs_BxTxH = self.lstm(carry, xs)
     return self.out(self.drop(hs_BxTxH, deterministic=not train))
 
   def start(self, features):
     """(carry, logits of the first word) from the image alone."""
     carry, v_BxE = self._image(features)
     x = jnp.concatenate([v_BxE, v_BxE], -1) if self.every_step else v_BxE
-    carry, h = self.cell(carry, x)
+    carry, h = self.lstm.step(carry, x)
     return (carry, v_BxE), self.out(h)
 
   def step(self, state, token_B):
@@ -82,7 +80,7 @@ class InjectDecoder(nn.Module):
     x = self.embed(token_B)
     if self.every_step:
       x = jnp.concatenate([x, v_BxE.astype(x.dtype)], -1)
-    carry, h = self.cell(carry, x)
+    carry, h = self.lstm.step(carry, x)
     return (carry, v_BxE), self.out(h)
 
 
@@ -125,7 +123,7 @@ class MergeDecoder(nn.Module):
       raise ValueError(f"merge={self.merge!r} must be 'add' or 'concat'")
     self.image_proj = nn.Dense(self.hidden, dtype=self.dtype, name='image_proj')
     self.embed = nn.Embed(self.vocab_size, self.embed_dim, name='embed')
-    self.cell = nn.OptimizedLSTMCell(self.hidden, dtype=self.dtype, name='lstm')
+    self.lstm = lstm.LSTM(self.hidden, dtype=self.dtype, name='lstm')
     self.mix = nn.Dense(self.hidden, dtype=self.dtype, name='mix')
     self.drop = nn.Dropout(self.dropout)
     self.out = nn.Dense(self.vocab_size, dtype=jnp.float32, name='out')
@@ -147,7 +145,7 @@ class MergeDecoder(nn.Module):
     """Logits B x (L-1) x V for tokens[:, 1:], reading tokens[:, :-1] (from <start>)."""
     v_BxH = self._image(features, train)
     xs = self.drop(self.embed(tokens_BxL[:, :-1]), deterministic=not train)
-    _, hs_BxTxH = _scan_cell(self.cell, self._zero_carry(tokens_BxL.shape[0]), xs)
+    _, hs_BxTxH = self.lstm(self._zero_carry(tokens_BxL.shape[0]), xs)
     v_Bx1xH = v_BxH[:, None, :]
     return self._logits(hs_BxTxH, jnp.broadcast_to(v_Bx1xH, hs_BxTxH.shape[:2] + v_BxH.shape[-1:]),
                         train)
@@ -161,7 +159,7 @@ class MergeDecoder(nn.Module):
   def step(self, state, token_B):
     """(state, logits of the next word) after feeding `token_B`."""
     carry, v_BxH = state
-    carry, h = self.cell(carry, self.embed(token_B))
+    carry, h = self.lstm.step(carry, self.embed(token_B))
     return (carry, v_BxH), self._logits(h, v_BxH, False)
 
 
