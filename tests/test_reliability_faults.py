@@ -209,3 +209,16 @@ def test_a_metrics_line_cut_short_by_a_kill_does_not_swallow_the_next_row(tmp_pa
   writer.close()
   assert [(r['step'], r['loss']) for r in logs.read_metrics(str(tmp_path))] == [(1, 1.0),
                                                                                 (2, 2.0)]
+
+
+@pytest.mark.parametrize('text,dropped', [
+    ('Task exception was never retrieved\nfuture: <Task ... in deserialize(...)>', True),
+    ('Future exception was never retrieved\nfuture: <Future finished exception=ValueError('
+     '\'NOT_FOUND: Error opening "zarr" driver ... [tensorstore_spec=...]\')>', True),
+    ('Future exception was never retrieved\nfuture: <Future finished exception=KeyError(1)>',
+     False),
+    ('Task was destroyed but it is pending! deserialize', False),
+])
+def test_only_orphaned_checkpoint_reads_are_dropped_from_asyncio_logs(text, dropped):
+  record = logging.LogRecord('asyncio', logging.ERROR, __file__, 1, text, None, None)
+  assert checkpoint._drop_orphaned_read_tasks(record) is not dropped

@@ -108,9 +108,12 @@ def _mute_closed_loop_callbacks() -> None:
 
 
 def _drop_orphaned_read_tasks(record: std_logging.LogRecord) -> bool:
-  """False (drop) for asyncio's report of an un-awaited failed orbax array read."""
+  """False (drop) for asyncio's report of an un-awaited failed orbax array read: a task or a
+  future, depending on where the read failed, naming orbax's deserialisation or tensorstore."""
   text = record.getMessage()
-  return not (text.startswith('Task exception was never retrieved') and 'deserializ' in text)
+  orphan = text.startswith(('Task exception was never retrieved',
+                            'Future exception was never retrieved'))
+  return not (orphan and ('deserializ' in text or 'tensorstore_spec' in text))
 
 
 def _reason(e: Exception, limit: int = 160) -> str:
