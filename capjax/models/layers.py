@@ -106,8 +106,8 @@ def conv2d(x_BxHxWxC, kernel, strides=(1, 1), padding='SAME', feature_group_coun
     strides: two ints.
     padding: 'SAME', 'VALID', an int, or two ints / (lo, hi) pairs.
     feature_group_count: groups (grouped / depthwise convolutions use XLA's convolution).
-    impl: 'auto' (= 'hybrid', the fastest measured), 'lax', 'im2col' (autodiff of patches + one matmul)
-      or 'hybrid' (XLA forward and input gradient, matmul weight gradient).
+    impl: 'auto' (= 'hybrid', the fastest measured), 'lax', 'im2col' (autodiff of patches + one
+      matmul) or 'hybrid' (XLA forward and input gradient, matmul weight gradient).
 
   Returns:
     (B, Ho, Wo, F).
