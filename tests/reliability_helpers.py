@@ -14,6 +14,16 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str | None = None):
+  """configs/<name>.py's get_config(arg), loaded from the file as launch.py does."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(f'{name}_cfg',
+                                                os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 # The runlocal shapes data set; prepared once per test module so runs started side by side
 # do not all generate it into the same folder at once.
 SHAPES = dict(image_size=32, num_train=256, num_validation=32, num_test=32, seed=0)
@@ -159,18 +169,13 @@ def write_bad_images(folder: str) -> list[tuple[str, bool, str]]:
 def make_predict_workdir(workdir: str, damaged_latest: bool = False) -> None:
   """A workdir predict can use, without training: config, vocabulary, a step-1 checkpoint
   of a freshly initialised runlocal captioner (and a step-2 one with truncated arrays)."""
-  import importlib.util
   import jax
   from capjax import caption_task, run_files
   from capjax.data.tokenizer import Vocabulary
   from capjax.train import checkpoint
   from capjax.train import state as state_lib
   from capjax.train.optim import make_optimizer
-  spec = importlib.util.spec_from_file_location('caption_cfg',
-                                                os.path.join(ROOT, 'configs', 'caption.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('runlocal')
+  config = load_config('caption', 'runlocal')
   os.makedirs(workdir, exist_ok=True)
   run_files.save_config(config, workdir)
   vocab = Vocabulary(['a', 'red', 'blue', 'circle', 'square'])

@@ -1,7 +1,5 @@
 """The benchmark mode: FLOP counting, result rows, and the launch.py wiring."""
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 
@@ -11,18 +9,9 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
+import reliability_helpers as rh
 from capjax import bench
 from capjax.flops import model_flops
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_config(name, arg):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
 
 def test_model_flops_counts_every_scan_iteration():
   x, w = jnp.ones((8, 16)), jnp.ones((16, 16))
@@ -71,7 +60,7 @@ def test_greedy_row_counts_all_twenty_decoding_steps():
 
 
 def test_a_task_config_benchmarks_its_train_step_and_input_pipeline(tmp_path):
-  config = _load_config('caption', 'runlocal')
+  config = rh.load_config('caption', 'runlocal')
   config.tfds_dir = str(tmp_path / 'tfds')
   config.unlock()
   config.bench = _tiny_bench(peak_flops=1e11)
@@ -88,7 +77,7 @@ def test_launch_bench_mode_prints_one_json_line_per_task(tmp_path):
       [sys.executable, 'launch.py', '--config=configs/bench.py:task=greedy+caption',
        '--mode=bench', f'--workdir={tmp_path}', '--config.bench.batch_size=4',
        '--config.bench.steps=2', '--config.bench.warmup=1', '--config.bench.peak_flops=1e11'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+      cwd=rh.ROOT, capture_output=True, text=True, timeout=300, check=True)
   rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{')]
   assert [r['task'] for r in rows] == ['greedy', 'caption']
   with open(tmp_path / 'bench.jsonl') as f:

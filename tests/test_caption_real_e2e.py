@@ -8,7 +8,6 @@
 The Flickr8k fixture withholds its test images, like the real download here: runs that never
 read 'test' must not need them.
 """
-import importlib.util
 import json
 import os
 
@@ -17,20 +16,16 @@ import numpy as np
 import pytest
 
 import fixture_layouts as fx
+import reliability_helpers as rh
 from capjax import caption_task, compare, predict, run
 from capjax.data import features
 from capjax.models import encoders, keras_weights
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = fx.flickr_names(14)
 
 
 def _config(arg, data_dir, tmp):
-  spec = importlib.util.spec_from_file_location('caption_cfg',
-                                                os.path.join(ROOT, 'configs', 'caption.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg + ',runlocal')
+  c = rh.load_config('caption', arg + ',runlocal')
   c.data_dir, c.tfds_dir, c.features_dir = str(data_dir), str(tmp / 'tfds'), str(tmp / 'feat')
   c.train.update(steps=3, batch_size=4, log_every=3, checkpoint_every=3, eval_every=0)
   c.eval.update(batch_size=4, num_samples=2)

@@ -1,6 +1,4 @@
 """Merge decoder, feature-input steps, encoder freezing and Keras encoders in the captioner."""
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import reliability_helpers as rh
 from capjax import caption_task
 from capjax.models import cnn, decoder, encoders, keras_weights
 from capjax.models.captioner import Captioner
@@ -16,7 +15,6 @@ from capjax.train import steps
 from capjax.train.optim import make_optimizer
 
 V, L = 11, 7
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tokens(b=3):
@@ -111,11 +109,7 @@ def test_training_a_batchnorm_encoder_end_to_end_updates_its_statistics():
 
 
 def _config(arg):
-  spec = importlib.util.spec_from_file_location('caption_cfg',
-                                                os.path.join(ROOT, 'configs', 'caption.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return rh.load_config('caption', arg)
 
 
 def test_encoder_weights_from_a_keras_h5_file_become_the_captioner_encoder(tmp_path):

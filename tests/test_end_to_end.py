@@ -1,5 +1,4 @@
 """A tiny captioning run: trains, evaluates, is restarted, resumes, then predicts."""
-import importlib.util
 import json
 import os
 
@@ -7,18 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import reliability_helpers as rh
 from capjax import predict, run
 from capjax.train import logs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(tmp_path, steps):
-  spec = importlib.util.spec_from_file_location('caption_cfg',
-                                                os.path.join(ROOT, 'configs', 'caption.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('runlocal')
+  config = rh.load_config('caption', 'runlocal')
   config.tfds_dir = str(tmp_path / 'tfds')
   config.train.steps = steps
   config.train.checkpoint_every = 5

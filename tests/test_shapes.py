@@ -1,10 +1,8 @@
 """The shapes world: renderer determinism, grammar <-> parser round trip."""
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 
+import reliability_helpers as rh
 from capjax.data import shapes
 
 
@@ -76,9 +74,5 @@ def test_max_caption_words_is_the_longest_caption_and_the_default_length_fits_it
   longest = max(len(shapes.describe(shapes.sample_scene(rng), rng).split())
                 for _ in range(3000))
   assert longest == shapes.max_caption_words() == 17
-  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'caption.py')
-  spec = importlib.util.spec_from_file_location('caption_cfg', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   # <start> + words + <end>, no more: the decoder scans caption_length - 1 steps.
-  assert module.get_config().data.caption_length == shapes.max_caption_words() + 2
+  assert rh.load_config('caption').data.caption_length == shapes.max_caption_words() + 2
