@@ -50,7 +50,8 @@ def build_model(config, vocab_size: int) -> Captioner:
     dec = decoder.MergeDecoder(vocab_size, merge=m.get('merge', 'add'), **common)
   elif m.decoder == 'attention':
     dec = decoder.AttentionDecoder(vocab_size, attn_dim=m.attn_dim,
-                                   score=m.get('score', 'additive'), **common)
+                                   score=m.get('score', 'additive'),
+                                   coverage=bool(m.get('coverage', False)), **common)
   else:
     raise UserError(f'config.model.decoder={m.decoder!r} is unknown; use one of '
                     f'{", ".join(DECODERS)}.')

@@ -73,7 +73,7 @@ def get_config(arg=None):
       encoder=arg.encoder, decoder=arg.decoder, widths=(64, 64, 128, 128),
       strides=(1, 1, 2, 1), patch=4, norm=True, conv='flax',
       embed_dim=128, hidden=256, pool='flatten', every_step=True, dropout=0.0,
-      attn_dim=128, score='additive', attention_reg=0.01,
+      attn_dim=128, score='additive', coverage=False, attention_reg=0.01,
       merge='add', feature_norm=False, dtype='float32',
       encoder_weights=ml_collections.FieldReference(None, field_type=str)))  # Keras .h5 file.
 
@@ -117,6 +117,12 @@ def _shapes_defaults(c) -> None:
   and batch 32 at twice the steps beat batch 64 in equal time.
   """
   c.model.update(norm=False, score='dot')
+  # Two-object scenes were the weak spot (58% exact on validation): the second object took the
+  # first one's colour or shape. Coverage (scores see each cell's attention so far) and no
+  # doubly stochastic penalty (it spreads attention over the background) fix much of it.
+  # Validation, 500 images, beam 3, one run each: exact 83.0% -> 86.2% (coverage) -> 88.2%
+  # (coverage, attention_reg 0); 2 objects 101 -> 116 -> 122 of 175.
+  c.model.update(coverage=True, attention_reg=0.0)
   # <start> + the grammar's longest caption (17 words, capjax.data.shapes.max_caption_words)
   # + <end>: no scan step is spent on padding every caption has (at 22 the decoder's
   # forward + backward took 115 ms, at 19 95 ms, batch 32).

@@ -21,7 +21,19 @@ DECODERS = {
     'par_inject': lambda: decoder.InjectDecoder(V, 8, 16, every_step=True),
     'attention': lambda: decoder.AttentionDecoder(V, 8, 16, attn_dim=8),
     'attention_dot': lambda: decoder.AttentionDecoder(V, 8, 16, attn_dim=8, score='dot'),
+    'attention_coverage': lambda: decoder.AttentionDecoder(V, 8, 16, attn_dim=8, score='dot',
+                                                           coverage=True),
 }
+
+
+def _with_random_coverage_scale(variables):
+  """The coverage scale starts at 0 (no effect); a random one makes the tests see it work."""
+  def perturb(path, x):
+    names = [getattr(k, 'key', '') for k in path]
+    if 'coverage_scale' in names and names[-1] == 'kernel':
+      return 3.0 * jax.random.normal(jax.random.key(3), x.shape, x.dtype)
+    return x
+  return jax.tree_util.tree_map_with_path(perturb, variables)
 
 
 @pytest.fixture(scope='module', params=sorted(DECODERS))
@@ -29,7 +41,7 @@ def model_and_vars(request):
   model = Captioner(cnn.CaptionEncoderTiny(), DECODERS[request.param]())
   images = jax.random.randint(jax.random.key(1), (4, 16, 16, 3), 0, 256).astype(jnp.uint8)
   tokens = jax.random.randint(jax.random.key(2), (4, L), 3, V).at[:, 0].set(1)  # <start>
-  variables = jax.jit(model.init)(jax.random.key(0), images, tokens)
+  variables = _with_random_coverage_scale(jax.jit(model.init)(jax.random.key(0), images, tokens))
   return model, variables, images, tokens
 
 
@@ -44,6 +56,24 @@ def test_attention_weights_sum_to_one(model_and_vars):
   for alphas in jax.tree.leaves(inter):
     assert alphas.shape[:2] == (4, L - 1)
     np.testing.assert_allclose(alphas.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_coverage_sums_past_attention_and_steers_the_scores():
+  model = Captioner(cnn.CaptionEncoderTiny(), DECODERS['attention_coverage']())
+  images = jax.random.randint(jax.random.key(1), (4, 16, 16, 3), 0, 256).astype(jnp.uint8)
+  tokens = jax.random.randint(jax.random.key(2), (4, L), 3, V).at[:, 0].set(1)
+  initial = jax.jit(model.init)(jax.random.key(0), images, tokens)
+  variables = _with_random_coverage_scale(initial)
+  features = model.apply(variables, images, method='encode')
+  state, _ = model.apply(variables, features, method='start')  # Reads <start>: 1 attention.
+  for t in range(1, L - 1):
+    state, _ = model.apply(variables, state, tokens[:, t], method='step')
+  (_, coverage), _, _ = state  # (LSTM carry, coverage), keys, values.
+  _, inter = model.apply(variables, images, tokens, mutable=['intermediates'])
+  np.testing.assert_allclose(coverage, jax.tree.leaves(inter)[0].sum(1), rtol=1e-5, atol=1e-6)
+  # At init the scale is 0 and coverage changes nothing; a non-zero scale changes the logits.
+  assert not np.allclose(model.apply(initial, images, tokens), model.apply(variables, images, tokens),
+                         atol=1e-4)
 
 
 def test_step_by_step_decoding_reproduces_teacher_forcing(model_and_vars):

@@ -177,28 +177,40 @@ def grid_position_features(h: int, w: int, frequencies: int = 4) -> jnp.ndarray:
 
 
 class AttendStep(nn.Module):
-  """One step of Show, Attend and Tell: attend over the grid, then an LSTM step."""
+  """One step of Show, Attend and Tell: attend over the grid, then an LSTM step.
+
+  The carry is ((c, h), coverage): `coverage` B x N sums the attention each cell has had so far.
+  With `coverage` on, the score of cell n gains s(h) * coverage_n, s a learned function of the
+  state that starts at 0 (See et al., 2017). The model can then look for "the object I have
+  not described yet" instead of finding it by content alone, which is what the second
+  object of a two-object scene needs (its position varies across half the image).
+  """
   hidden: int
   attn_dim: int
   score: str = 'additive'
+  coverage: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, carry, x_BxE, keys_BxNxA, values_BxNxD):
-    c, h = carry
+    (c, h), coverage_BxN = carry
     query = nn.Dense(self.attn_dim, dtype=self.dtype, name='query')(h)
     if self.score == 'dot':  # Luong: one B x N contraction per step, cheap on a CPU.
       energy = jnp.einsum('bna,ba->bn', keys_BxNxA, query) / jnp.sqrt(self.attn_dim)
     else:  # Bahdanau: an attn_dim-wide tanh layer over every cell, every step.
       energy = nn.Dense(1, dtype=self.dtype, name='energy')(
           jnp.tanh(keys_BxNxA + query[:, None, :]))[..., 0]
+    if self.coverage:
+      scale_Bx1 = nn.Dense(1, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                           name='coverage_scale')(h)
+      energy = energy + scale_Bx1 * coverage_BxN.astype(energy.dtype)
     alpha_BxN = jax.nn.softmax(energy.astype(jnp.float32), -1)
     context = jnp.einsum('bn,bnd->bd', alpha_BxN.astype(values_BxNxD.dtype), values_BxNxD)
     # The gate lets the model say "no image needed here" (articles, relations).
     gate = nn.sigmoid(nn.Dense(1, dtype=self.dtype, name='gate')(h))
     inputs = jnp.concatenate([x_BxE, gate * context], -1)
-    carry, h = nn.OptimizedLSTMCell(self.hidden, dtype=self.dtype, name='lstm')((c, h), inputs)
-    return carry, (jnp.concatenate([h, context], -1), alpha_BxN)
+    lstm_carry, h = nn.OptimizedLSTMCell(self.hidden, dtype=self.dtype, name='lstm')((c, h), inputs)
+    return (lstm_carry, coverage_BxN + alpha_BxN), (jnp.concatenate([h, context], -1), alpha_BxN)
 
 
 class AttentionDecoder(nn.Module):
@@ -212,6 +224,7 @@ class AttentionDecoder(nn.Module):
   hidden: int = 256
   attn_dim: int = 128
   score: str = 'additive'  # 'additive' (Bahdanau, as in the paper) or 'dot' (Luong).
+  coverage: bool = False  # Scores also see each cell's attention so far (see AttendStep).
   dropout: float = 0.0
   feature_norm: bool = False
   dtype: Any = jnp.float32
@@ -223,7 +236,8 @@ class AttentionDecoder(nn.Module):
     self.init_h = nn.Dense(self.hidden, dtype=self.dtype, name='init_h')
     self.init_c = nn.Dense(self.hidden, dtype=self.dtype, name='init_c')
     self.embed = nn.Embed(self.vocab_size, self.embed_dim, name='embed')
-    self.cell = AttendStep(self.hidden, self.attn_dim, self.score, self.dtype, name='attend')
+    self.cell = AttendStep(self.hidden, self.attn_dim, self.score, self.coverage, self.dtype,
+                           name='attend')
     self.drop = nn.Dropout(self.dropout)
     self.out = nn.Dense(self.vocab_size, dtype=jnp.float32, name='out')
 
@@ -231,7 +245,8 @@ class AttentionDecoder(nn.Module):
     b, c = features.shape[0], features.shape[-1]
     grid_BxNxC = self.feature_ln(features.reshape(b, -1, c))
     mean = grid_BxNxC.mean(1)
-    carry = (jnp.tanh(self.init_c(mean)), jnp.tanh(self.init_h(mean)))
+    lstm_carry = (jnp.tanh(self.init_c(mean)), jnp.tanh(self.init_h(mean)))
+    carry = (lstm_carry, jnp.zeros(grid_BxNxC.shape[:2], jnp.float32))  # Coverage starts at 0.
     if features.ndim == 4:  # A grid: tell keys and values where each cell is.
       pos_NxP = grid_position_features(*features.shape[1:3]).astype(grid_BxNxC.dtype)
       grid_BxNxC = jnp.concatenate(
