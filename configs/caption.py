@@ -127,7 +127,8 @@ def _shapes_defaults(c) -> None:
   # + <end>: no scan step is spent on padding every caption has (at 22 the decoder's
   # forward + backward took 115 ms, at 19 95 ms, batch 32).
   c.data.caption_length = 19
-  c.train.update(steps=2200, batch_size=32, eval_every=550, checkpoint_every=550)
+  # 2,000 steps: coverage made a step dearer and 2,200 ran 10:36 in all (test exact 87.2%).
+  c.train.update(steps=2000, batch_size=32, eval_every=500, checkpoint_every=500)
   c.optim.learning_rate = 4e-3
   # Beam 3 fixes most greedy slips in 3-object scenes (76% -> 86.5% exact in one measured run).
   c.eval.update(decoding='beam', beam_size=3)
