@@ -24,6 +24,8 @@ def load_config(name: str, arg: str | None = None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
 # The runlocal shapes data set; prepared once per test module so runs started side by side
 # do not all generate it into the same folder at once.
 SHAPES = dict(image_size=32, num_train=256, num_validation=32, num_test=32, seed=0)

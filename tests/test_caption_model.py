@@ -36,13 +36,17 @@ def _with_random_coverage_scale(variables):
   return jax.tree_util.tree_map_with_path(perturb, variables)
 
 
-@pytest.fixture(scope='module', params=sorted(DECODERS))
-def model_and_vars(request):
-  model = Captioner(cnn.CaptionEncoderTiny(), DECODERS[request.param]())
+def _model_and_inputs(name):
+  model = Captioner(cnn.CaptionEncoderTiny(), DECODERS[name]())
   images = jax.random.randint(jax.random.key(1), (4, 16, 16, 3), 0, 256).astype(jnp.uint8)
   tokens = jax.random.randint(jax.random.key(2), (4, L), 3, V).at[:, 0].set(1)  # <start>
-  variables = _with_random_coverage_scale(jax.jit(model.init)(jax.random.key(0), images, tokens))
-  return model, variables, images, tokens
+  return model, jax.jit(model.init)(jax.random.key(0), images, tokens), images, tokens
+
+
+@pytest.fixture(scope='module', params=sorted(DECODERS))
+def model_and_vars(request):
+  model, variables, images, tokens = _model_and_inputs(request.param)
+  return model, _with_random_coverage_scale(variables), images, tokens
 
 
 def test_logits_shape(model_and_vars):
@@ -59,10 +63,7 @@ def test_attention_weights_sum_to_one(model_and_vars):
 
 
 def test_coverage_sums_past_attention_and_steers_the_scores():
-  model = Captioner(cnn.CaptionEncoderTiny(), DECODERS['attention_coverage']())
-  images = jax.random.randint(jax.random.key(1), (4, 16, 16, 3), 0, 256).astype(jnp.uint8)
-  tokens = jax.random.randint(jax.random.key(2), (4, L), 3, V).at[:, 0].set(1)
-  initial = jax.jit(model.init)(jax.random.key(0), images, tokens)
+  model, initial, images, tokens = _model_and_inputs('attention_coverage')
   variables = _with_random_coverage_scale(initial)
   features = model.apply(variables, images, method='encode')
   state, _ = model.apply(variables, features, method='start')  # Reads <start>: 1 attention.
@@ -72,8 +73,8 @@ def test_coverage_sums_past_attention_and_steers_the_scores():
   _, inter = model.apply(variables, images, tokens, mutable=['intermediates'])
   np.testing.assert_allclose(coverage, jax.tree.leaves(inter)[0].sum(1), rtol=1e-5, atol=1e-6)
   # At init the scale is 0 and coverage changes nothing; a non-zero scale changes the logits.
-  assert not np.allclose(model.apply(initial, images, tokens), model.apply(variables, images, tokens),
-                         atol=1e-4)
+  assert not np.allclose(model.apply(initial, images, tokens),
+                         model.apply(variables, images, tokens), atol=1e-4)
 
 
 def test_step_by_step_decoding_reproduces_teacher_forcing(model_and_vars):

@@ -179,8 +179,8 @@ def grid_position_features(h: int, w: int, frequencies: int = 4) -> jnp.ndarray:
 class AttendStep(nn.Module):
   """One step of Show, Attend and Tell: attend over the grid, then an LSTM step.
 
-  The carry is ((c, h), coverage): `coverage` B x N sums the attention each cell has had so far.
-  With `coverage` on, the score of cell n gains s(h) * coverage_n, s a learned function of the
+  The carry is ((c, h), coverage): `coverage` B x N sums the attention each cell has had so far
+  (None when `coverage` is off, so nothing is carried for it). With `coverage` on, the score of cell n gains s(h) * coverage_n, s a learned function of the
   state that starts at 0 (See et al., 2017). The model can then look for "the object I have
   not described yet" instead of finding it by content alone, which is what the second
   object of a two-object scene needs (its position varies across half the image).
@@ -210,7 +210,9 @@ class AttendStep(nn.Module):
     gate = nn.sigmoid(nn.Dense(1, dtype=self.dtype, name='gate')(h))
     inputs = jnp.concatenate([x_BxE, gate * context], -1)
     lstm_carry, h = nn.OptimizedLSTMCell(self.hidden, dtype=self.dtype, name='lstm')((c, h), inputs)
-    return (lstm_carry, coverage_BxN + alpha_BxN), (jnp.concatenate([h, context], -1), alpha_BxN)
+    if self.coverage:
+      coverage_BxN = coverage_BxN + alpha_BxN
+    return (lstm_carry, coverage_BxN), (jnp.concatenate([h, context], -1), alpha_BxN)
 
 
 class AttentionDecoder(nn.Module):
@@ -246,7 +248,8 @@ class AttentionDecoder(nn.Module):
     grid_BxNxC = self.feature_ln(features.reshape(b, -1, c))
     mean = grid_BxNxC.mean(1)
     lstm_carry = (jnp.tanh(self.init_c(mean)), jnp.tanh(self.init_h(mean)))
-    carry = (lstm_carry, jnp.zeros(grid_BxNxC.shape[:2], jnp.float32))  # Coverage starts at 0.
+    coverage = jnp.zeros(grid_BxNxC.shape[:2], jnp.float32) if self.coverage else None
+    carry = (lstm_carry, coverage)
     if features.ndim == 4:  # A grid: tell keys and values where each cell is.
       pos_NxP = grid_position_features(*features.shape[1:3]).astype(grid_BxNxC.dtype)
       grid_BxNxC = jnp.concatenate(
