@@ -51,7 +51,8 @@ def build_model(config, vocab_size: int) -> Captioner:
   elif m.decoder == 'attention':
     dec = decoder.AttentionDecoder(vocab_size, attn_dim=m.attn_dim,
                                    score=m.get('score', 'additive'),
-                                   coverage=bool(m.get('coverage', False)), **common)
+                                   coverage=bool(m.get('coverage', False)),
+                                   query=m.get('query', 'previous'), **common)
   else:
     raise UserError(f'config.model.decoder={m.decoder!r} is unknown; use one of '
                     f'{", ".join(DECODERS)}.')

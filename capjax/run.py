@@ -76,6 +76,7 @@ _CHECKS = [
     ('model.attn_dim', lambda v: _int(v) and v > 0, 'a whole number > 0'),
     ('model.attention_reg', lambda v: _number(v) and v >= 0, 'a number >= 0'),
     ('model.score', lambda v: v in ('additive', 'dot'), "'additive' or 'dot'"),
+    ('model.query', lambda v: v in ('previous', 'current'), "'previous' or 'current'"),
     ('model.conv', lambda v: v in ('flax', 'layers'), "'flax' or 'layers'"),
     ('augment.crop', lambda v: v in ('pad', 'resized', 'none'), "'pad', 'resized' or 'none'"),
     ('augment.crop_padding', lambda v: _int(v) and v >= 0, 'a whole number >= 0'),

@@ -68,12 +68,13 @@ def get_config(arg=None):
   c.vocab = ml_collections.ConfigDict(dict(min_freq=1, max_size=10000))
 
   # conv: 'flax' (nn.Conv) or 'layers' (capjax.models.layers.Conv, faster weight gradients on
-  # small grids). score: attention scores, 'additive' (Bahdanau) or 'dot' (Luong).
+  # small grids). score: attention scores, 'additive' (Bahdanau) or 'dot' (Luong). query: which
+  # state attends, 'previous' (Show, Attend and Tell) or 'current' (Luong: after reading the word).
   c.model = ml_collections.ConfigDict(dict(
       encoder=arg.encoder, decoder=arg.decoder, widths=(64, 64, 128, 128),
       strides=(1, 1, 2, 1), patch=4, norm=True, conv='flax',
       embed_dim=128, hidden=256, pool='flatten', every_step=True, dropout=0.0,
-      attn_dim=128, score='additive', coverage=False, attention_reg=0.01,
+      attn_dim=128, score='additive', query='previous', coverage=False, attention_reg=0.01,
       merge='add', feature_norm=False, dtype='float32',
       encoder_weights=ml_collections.FieldReference(None, field_type=str)))  # Keras .h5 file.
 

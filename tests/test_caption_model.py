@@ -23,6 +23,8 @@ DECODERS = {
     'attention_dot': lambda: decoder.AttentionDecoder(V, 8, 16, attn_dim=8, score='dot'),
     'attention_coverage': lambda: decoder.AttentionDecoder(V, 8, 16, attn_dim=8, score='dot',
                                                            coverage=True),
+    'attention_current': lambda: decoder.AttentionDecoder(V, 8, 16, attn_dim=8, score='dot',
+                                                          coverage=True, query='current'),
 }
 
 
@@ -62,14 +64,15 @@ def test_attention_weights_sum_to_one(model_and_vars):
     np.testing.assert_allclose(alphas.sum(-1), 1.0, rtol=1e-5)
 
 
-def test_coverage_sums_past_attention_and_steers_the_scores():
-  model, initial, images, tokens = _model_and_inputs('attention_coverage')
+@pytest.mark.parametrize('name', ['attention_coverage', 'attention_current'])
+def test_coverage_sums_past_attention_and_steers_the_scores(name):
+  model, initial, images, tokens = _model_and_inputs(name)
   variables = _with_random_coverage_scale(initial)
   features = model.apply(variables, images, method='encode')
   state, _ = model.apply(variables, features, method='start')  # Reads <start>: 1 attention.
   for t in range(1, L - 1):
     state, _ = model.apply(variables, state, tokens[:, t], method='step')
-  (_, coverage), _, _ = state  # (LSTM carry, coverage), keys, values.
+  (_, coverage, _), _, _ = state  # (LSTM carry, coverage, fed context), keys, values.
   _, inter = model.apply(variables, images, tokens, mutable=['intermediates'])
   np.testing.assert_allclose(coverage, jax.tree.leaves(inter)[0].sum(1), rtol=1e-5, atol=1e-6)
   # At init the scale is 0 and coverage changes nothing; a non-zero scale changes the logits.

@@ -177,23 +177,51 @@ def grid_position_features(h: int, w: int, frequencies: int = 4) -> jnp.ndarray:
 
 
 class AttendStep(nn.Module):
-  """One step of Show, Attend and Tell: attend over the grid, then an LSTM step.
+  """One decoder step with soft attention over the grid.
 
-  The carry is ((c, h), coverage): `coverage` B x N sums the attention each cell has had so far
-  (None when `coverage` is off, so nothing is carried for it). With `coverage` on, the score of cell n gains s(h) * coverage_n, s a learned function of the
-  state that starts at 0 (See et al., 2017). The model can then look for "the object I have
-  not described yet" instead of finding it by content alone, which is what the second
-  object of a two-object scene needs (its position varies across half the image).
+  `query` says which state attends:
+  * 'previous' (Show, Attend and Tell): the state *before* reading this step's word picks the
+    cells; the LSTM then reads the word and that context.
+  * 'current' (Luong et al., 2015): the LSTM first reads the word (and, "input feeding", the
+    last step's context), then its new state picks the cells. The word just emitted steers
+    where the model looks for the next one: after "a small green", attention can go to the
+    green object for its shape. With 'previous' that context was chosen before "green" was
+    read, so when two objects could come first it blends both and the caption mixes them
+    (one's colour with the other's shape).
+
+  The carry is ((c, h), coverage, fed_context). `coverage` B x N sums the attention each cell
+  has had so far (None when `coverage` is off). With it on, the score of cell n gains
+  s(h) * coverage_n, s a learned function of the state that starts at 0 (See et al., 2017): the
+  model can look for "the object I have not described yet". `fed_context` is the last
+  context for 'current' (None for 'previous').
   """
   hidden: int
   attn_dim: int
   score: str = 'additive'
   coverage: bool = False
+  query: str = 'previous'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, carry, x_BxE, keys_BxNxA, values_BxNxD):
-    (c, h), coverage_BxN = carry
+    (c, h), coverage_BxN, fed_BxD = carry
+    lstm = nn.OptimizedLSTMCell(self.hidden, dtype=self.dtype, name='lstm')
+    if self.query == 'current':
+      (c, h), h = lstm((c, h), jnp.concatenate([x_BxE, fed_BxD.astype(x_BxE.dtype)], -1))
+      alpha_BxN, context = self._attend(h, coverage_BxN, keys_BxNxA, values_BxNxD)
+      out, fed_BxD = jnp.concatenate([h, context], -1), context
+    else:
+      alpha_BxN, context = self._attend(h, coverage_BxN, keys_BxNxA, values_BxNxD)
+      # The gate lets the model say "no image needed here" (articles, relations).
+      gate = nn.sigmoid(nn.Dense(1, dtype=self.dtype, name='gate')(h))
+      (c, h), h = lstm((c, h), jnp.concatenate([x_BxE, gate * context], -1))
+      out = jnp.concatenate([h, context], -1)
+    if self.coverage:
+      coverage_BxN = coverage_BxN + alpha_BxN
+    return ((c, h), coverage_BxN, fed_BxD), (out, alpha_BxN)
+
+  def _attend(self, h, coverage_BxN, keys_BxNxA, values_BxNxD):
+    """(attention B x N, context B x D) for state `h`."""
     query = nn.Dense(self.attn_dim, dtype=self.dtype, name='query')(h)
     if self.score == 'dot':  # Luong: one B x N contraction per step, cheap on a CPU.
       energy = jnp.einsum('bna,ba->bn', keys_BxNxA, query) / jnp.sqrt(self.attn_dim)
@@ -206,13 +234,7 @@ class AttendStep(nn.Module):
       energy = energy + scale_Bx1 * coverage_BxN.astype(energy.dtype)
     alpha_BxN = jax.nn.softmax(energy.astype(jnp.float32), -1)
     context = jnp.einsum('bn,bnd->bd', alpha_BxN.astype(values_BxNxD.dtype), values_BxNxD)
-    # The gate lets the model say "no image needed here" (articles, relations).
-    gate = nn.sigmoid(nn.Dense(1, dtype=self.dtype, name='gate')(h))
-    inputs = jnp.concatenate([x_BxE, gate * context], -1)
-    lstm_carry, h = nn.OptimizedLSTMCell(self.hidden, dtype=self.dtype, name='lstm')((c, h), inputs)
-    if self.coverage:
-      coverage_BxN = coverage_BxN + alpha_BxN
-    return (lstm_carry, coverage_BxN), (jnp.concatenate([h, context], -1), alpha_BxN)
+    return alpha_BxN, context
 
 
 class AttentionDecoder(nn.Module):
@@ -227,6 +249,7 @@ class AttentionDecoder(nn.Module):
   attn_dim: int = 128
   score: str = 'additive'  # 'additive' (Bahdanau, as in the paper) or 'dot' (Luong).
   coverage: bool = False  # Scores also see each cell's attention so far (see AttendStep).
+  query: str = 'previous'  # Which state attends: 'previous' (the paper) or 'current' (Luong).
   dropout: float = 0.0
   feature_norm: bool = False
   dtype: Any = jnp.float32
@@ -238,8 +261,10 @@ class AttentionDecoder(nn.Module):
     self.init_h = nn.Dense(self.hidden, dtype=self.dtype, name='init_h')
     self.init_c = nn.Dense(self.hidden, dtype=self.dtype, name='init_c')
     self.embed = nn.Embed(self.vocab_size, self.embed_dim, name='embed')
-    self.cell = AttendStep(self.hidden, self.attn_dim, self.score, self.coverage, self.dtype,
-                           name='attend')
+    if self.query not in ('previous', 'current'):
+      raise ValueError(f"query={self.query!r} must be 'previous' or 'current'")
+    self.cell = AttendStep(self.hidden, self.attn_dim, self.score, self.coverage, self.query,
+                           self.dtype, name='attend')
     self.drop = nn.Dropout(self.dropout)
     self.out = nn.Dense(self.vocab_size, dtype=jnp.float32, name='out')
 
@@ -249,7 +274,8 @@ class AttentionDecoder(nn.Module):
     mean = grid_BxNxC.mean(1)
     lstm_carry = (jnp.tanh(self.init_c(mean)), jnp.tanh(self.init_h(mean)))
     coverage = jnp.zeros(grid_BxNxC.shape[:2], jnp.float32) if self.coverage else None
-    carry = (lstm_carry, coverage)
+    fed = jnp.zeros((b, self.hidden), self.dtype) if self.query == 'current' else None
+    carry = (lstm_carry, coverage, fed)
     if features.ndim == 4:  # A grid: tell keys and values where each cell is.
       pos_NxP = grid_position_features(*features.shape[1:3]).astype(grid_BxNxC.dtype)
       grid_BxNxC = jnp.concatenate(
