@@ -100,25 +100,32 @@ def generate(model, variables, vocab: Vocabulary, batches, *, config,
   return out
 
 
-def attention_maps(model, variables, features, vocab: Vocabulary, max_len: int):
-  """Greedy decoding of one example step by step, keeping each step's attention.
+def attention_maps(model, variables, features, vocab: Vocabulary, max_len: int) -> list:
+  """Greedy decoding of a batch step by step, keeping each step's attention.
 
-  Returns (words, T x N attention weights over the N grid cells), up to the first <end>.
-  `AttentionDecoder.step` sows 'step_attention', which `mutable=['intermediates']` returns.
+  Returns one (words, T x N attention weights over the N grid cells) per example, up to its
+  first <end>. `AttentionDecoder.step` sows 'step_attention', which `mutable=['intermediates']`
+  returns. The whole batch goes through one compiled `start` and `step`.
   """
   start = jax.jit(lambda v, f: model.apply(v, f, method='start', mutable=['intermediates']))
   step = jax.jit(lambda v, c, t: model.apply(v, c, t, method='step', mutable=['intermediates']))
   (carry, logits), inter = start(variables, features)
-  words, maps = [], []
+  tokens, alphas = [], []
   for _ in range(max_len):
     token = jnp.argmax(logits, -1).astype(jnp.int32)
-    alpha = jax.tree.leaves(inter['intermediates'])[-1]
-    if int(token[0]) == vocab.end_id:
+    tokens.append(np.asarray(token))
+    alphas.append(np.asarray(jax.tree.leaves(inter['intermediates'])[-1], np.float32))
+    if all((np.stack(tokens, 1) == vocab.end_id).any(1)):
       break
-    words.append(vocab.decode([int(token[0])]) or '<unk>')
-    maps.append(np.asarray(alpha[0], np.float32))
     (carry, logits), inter = step(variables, carry, token)
-  return words, np.stack(maps) if maps else np.zeros((0, 1), np.float32)
+  out = []
+  for b, row in enumerate(np.stack(tokens, 1)):
+    ended = np.flatnonzero(row == vocab.end_id)
+    length = int(ended[0]) if ended.size else len(row)
+    words = [vocab.decode([int(t)]) or '<unk>' for t in row[:length]]
+    maps = np.stack([a[b] for a in alphas[:length]]) if length else np.zeros((0, 1), np.float32)
+    out.append((words, maps))
+  return out
 
 
 def evaluate(model, state, vocab: Vocabulary, inputs, *, config, workdir: str, split: str,
@@ -177,17 +184,18 @@ def _write(workdir, split, results, refs, hyps, inputs: SplitInputs, config) -> 
 def _plot_attention(model, variables, vocab, inputs: SplitInputs, config, workdir) -> None:
   """attention_<k>.png for the first config.eval.attention_plots examples."""
   from capjax import plots  # matplotlib only where figures are drawn.
-  for k in range(min(int(config.eval.get('attention_plots', 3)), len(inputs.source))):
-    example = inputs.source[k]
-    if inputs.input_key == 'features':
-      features = jnp.asarray(example['features'], jnp.float32)[None]
-    else:
-      image = example['image'] if inputs.image_fn is None else inputs.image_fn(example)
-      features = model.apply(variables, jnp.asarray(image)[None], method='encode')
-    words, maps = attention_maps(model, variables, features, vocab,
-                                 config.data.caption_length - 1)
-    if not words:
-      continue
-    h, w = features.shape[1:3]
-    plots.plot_attention(inputs.image(k), words, maps.reshape(len(words), h, w),
-                         os.path.join(workdir, f'attention_{k}.png'))
+  count = min(int(config.eval.get('attention_plots', 3)), len(inputs.source))
+  if count == 0:
+    return
+  examples = [inputs.source[k] for k in range(count)]
+  if inputs.input_key == 'features':
+    features = jnp.asarray(np.stack([e['features'] for e in examples]), jnp.float32)
+  else:
+    images = [e['image'] if inputs.image_fn is None else inputs.image_fn(e) for e in examples]
+    features = model.apply(variables, jnp.asarray(np.stack(images)), method='encode')
+  h, w = features.shape[1:3]
+  for k, (words, maps) in enumerate(attention_maps(model, variables, features, vocab,
+                                                   config.data.caption_length - 1)):
+    if words:
+      plots.plot_attention(inputs.image(k), words, maps.reshape(len(words), h, w),
+                           os.path.join(workdir, f'attention_{k}.png'))

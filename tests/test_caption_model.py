@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from capjax import decoding
+from capjax import caption_eval, decoding
+from capjax.data.tokenizer import Vocabulary
 from capjax.models import cnn, decoder
 from capjax.models.captioner import Captioner
 from capjax.train import state as state_lib
@@ -187,3 +188,19 @@ def test_padding_does_not_change_the_loss():
 
 
 GOLDEN_LOSSES = [2.405520, 2.338135, 2.271684]
+
+
+def test_attention_maps_of_a_batch_match_each_example_alone():
+  """The plots decode several images at once; each must get exactly its own words and maps."""
+  model, variables, images, _ = _model_and_inputs('attention_current')
+  variables = _with_random_coverage_scale(variables)
+  vocab = Vocabulary.build([' '.join(f'w{i}' for i in range(V - 4))])
+  features = model.apply(variables, images, method='encode')
+  batch = caption_eval.attention_maps(model, variables, features, vocab, L - 1)
+  assert len(batch) == images.shape[0]
+  for k, (words, maps) in enumerate(batch):
+    alone_words, alone_maps = caption_eval.attention_maps(model, variables, features[k:k + 1],
+                                                          vocab, L - 1)[0]
+    assert words == alone_words and maps.shape == (len(words), features.shape[1] * features.shape[2])
+    np.testing.assert_allclose(maps, alone_maps, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(maps.sum(-1), 1.0, rtol=1e-5)

@@ -1,9 +1,11 @@
 """The shapes world: renderer determinism, grammar <-> parser round trip."""
+import functools
+
 import numpy as np
 import pytest
 
 import reliability_helpers as rh
-from capjax.data import shapes
+from capjax.data import generate, shapes
 
 
 def test_example_is_a_pure_function_of_seed_split_index():
@@ -76,3 +78,15 @@ def test_max_caption_words_is_the_longest_caption_and_the_default_length_fits_it
   assert longest == shapes.max_caption_words() == 17
   # <start> + words + <end>, no more: the decoder scans caption_length - 1 steps.
   assert rh.load_config('caption').data.caption_length == shapes.max_caption_words() + 2
+
+
+def test_worker_processes_render_the_same_examples_in_order(monkeypatch):
+  """Parallel generation must not change the data set: same examples, same order."""
+  monkeypatch.setattr(generate, 'MIN_PARALLEL', 1)
+  render = functools.partial(shapes.example, 7, 'test', size=32, captions_per_image=2)
+  parallel = list(generate.ordered_map(render, 450, workers=2))
+  assert len(parallel) == 450
+  for i, ex in enumerate(parallel):
+    expected = render(i)
+    np.testing.assert_array_equal(ex['image'], expected['image'])
+    assert (ex['captions'], ex['scene']) == (expected['captions'], expected['scene'])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from capjax.data import classify_world, tiny_imagenet
+from capjax.data import classify_world, generate, tiny_imagenet
 from capjax.data.errors import DataError
 from capjax.data.images import load_image
 
@@ -79,8 +80,8 @@ class CapjaxShapes30(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str, count: int):
     c = self.builder_config
-    for i in range(count):
-      ex = classify_world.example(c.seed, split, i, c.image_size)
+    render = functools.partial(classify_world.example, c.seed, split, size=c.image_size)
+    for i, ex in enumerate(generate.ordered_map(render, count)):
       yield i, {'image': ex['image'], 'label': ex['label'], 'id': f'{split}_{i}'}
 
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from capjax.data import shapes
+from capjax.data import generate, shapes
 
 CAPTIONS_PER_IMAGE = 5
 
@@ -61,8 +62,9 @@ class CapjaxShapes(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str, count: int):
     c = self.builder_config
-    for i in range(count):
-      ex = shapes.example(c.seed, split, i, c.image_size, CAPTIONS_PER_IMAGE)
+    render = functools.partial(shapes.example, c.seed, split, size=c.image_size,
+                               captions_per_image=CAPTIONS_PER_IMAGE)
+    for i, ex in enumerate(generate.ordered_map(render, count)):
       yield i, {'image': ex['image'], 'captions': ex['captions'],
                 'scene': json.dumps(ex['scene'].to_json()), 'id': i}
 
