@@ -140,6 +140,7 @@ def test_config_variants_pick_encoder_preprocessing_size_and_freezing():
   assert caption_task.build_model(resnet, V).encoder.preprocess == 'caffe'
   scratch = _config('dataset=flickr8k')
   assert (scratch.model.encoder, scratch.optim.encoder_lr_scale) == ('cnn', 1.0)
+  assert (scratch.model.decoder, scratch.model.query) == ('attention', 'current')
   shapes = _config(None)  # The shapes default is untouched by the variants.
   assert (shapes.model.encoder, shapes.model.decoder, shapes.data.image_size) == (
       'shapes_cnn', 'attention', 64)
