@@ -201,6 +201,7 @@ def test_attention_maps_of_a_batch_match_each_example_alone():
   for k, (words, maps) in enumerate(batch):
     alone_words, alone_maps = caption_eval.attention_maps(model, variables, features[k:k + 1],
                                                           vocab, L - 1)[0]
-    assert words == alone_words and maps.shape == (len(words), features.shape[1] * features.shape[2])
+    assert words == alone_words
+    assert maps.shape == (len(words), features.shape[1] * features.shape[2])
     np.testing.assert_allclose(maps, alone_maps, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(maps.sum(-1), 1.0, rtol=1e-5)
