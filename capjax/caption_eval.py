@@ -111,11 +111,13 @@ def attention_maps(model, variables, features, vocab: Vocabulary, max_len: int) 
   step = jax.jit(lambda v, c, t: model.apply(v, c, t, method='step', mutable=['intermediates']))
   (carry, logits), inter = start(variables, features)
   tokens, alphas = [], []
+  ended = np.zeros(features.shape[0], bool)
   for _ in range(max_len):
     token = jnp.argmax(logits, -1).astype(jnp.int32)
     tokens.append(np.asarray(token))
     alphas.append(np.asarray(jax.tree.leaves(inter['intermediates'])[-1], np.float32))
-    if all((np.stack(tokens, 1) == vocab.end_id).any(1)):
+    ended |= tokens[-1] == vocab.end_id
+    if ended.all():
       break
     (carry, logits), inter = step(variables, carry, token)
   out = []

@@ -21,6 +21,8 @@ import ml_collections
 from capjax.configlib import parse_arg
 
 REAL_DATASETS = ('flickr8k', 'coco', 'own')
+# Encoders with Keras weights, frozen on photos: their pooled features are cached once.
+KERAS_ENCODERS = ('resnet50', 'xception', 'resnet_tiny')
 # Input size each encoder is fed at on the real data sets (the Keras backbones' own defaults).
 _IMAGE_SIZE = {'cnn': 128, 'shapes_cnn': 128, 'tiny_cnn': 32, 'resnet50': 224,
                'xception': 299, 'resnet_tiny': 32}
@@ -36,7 +38,7 @@ def get_config(arg=None):
   arg.encoder = arg.encoder or ('cnn' if real else 'shapes_cnn')
   # Photos through a frozen Keras backbone: merge on pooled features (a compact cache); trained
   # from scratch: attention, the best measured on Flickr8k (docs/captioning.md).
-  frozen = arg.encoder in ('resnet50', 'xception', 'resnet_tiny')
+  frozen = arg.encoder in KERAS_ENCODERS
   arg.decoder = arg.decoder or ('merge' if real and frozen else 'attention')
   c = ml_collections.ConfigDict()
   c.task = 'caption'
@@ -149,7 +151,7 @@ def _real_data_set(c, arg) -> None:
   # repetitive captions) and beams of 10-20 (short generic ones) by 0.02-0.03 BLEU-4.
   c.eval.update(split='validation', batch_size=200, decoding='beam', beam_size=5,
                 length_alpha=0.0)
-  if arg.encoder in ('resnet50', 'xception', 'resnet_tiny'):
+  if arg.encoder in KERAS_ENCODERS:
     c.optim.encoder_lr_scale = 0.0  # Frozen: features are cached once per split.
     c.model.pool = 'mean'  # 2048-d grids are averaged, not flattened.
   else:

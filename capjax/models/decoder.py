@@ -209,16 +209,15 @@ class AttendStep(nn.Module):
     if self.query == 'current':
       (c, h), h = lstm((c, h), jnp.concatenate([x_BxE, fed_BxD.astype(x_BxE.dtype)], -1))
       alpha_BxN, context = self._attend(h, coverage_BxN, keys_BxNxA, values_BxNxD)
-      out, fed_BxD = jnp.concatenate([h, context], -1), context
+      fed_BxD = context
     else:
       alpha_BxN, context = self._attend(h, coverage_BxN, keys_BxNxA, values_BxNxD)
       # The gate lets the model say "no image needed here" (articles, relations).
       gate = nn.sigmoid(nn.Dense(1, dtype=self.dtype, name='gate')(h))
       (c, h), h = lstm((c, h), jnp.concatenate([x_BxE, gate * context], -1))
-      out = jnp.concatenate([h, context], -1)
     if self.coverage:
       coverage_BxN = coverage_BxN + alpha_BxN
-    return ((c, h), coverage_BxN, fed_BxD), (out, alpha_BxN)
+    return ((c, h), coverage_BxN, fed_BxD), (jnp.concatenate([h, context], -1), alpha_BxN)
 
   def _attend(self, h, coverage_BxN, keys_BxNxA, values_BxNxD):
     """(attention B x N, context B x D) for state `h`."""
