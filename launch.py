@@ -18,6 +18,10 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from capjax import xla_flags
+
+xla_flags.apply()  # Before anything starts JAX's backend.
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:args].',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and results go.')

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import statistics
 import time
 
@@ -162,7 +163,8 @@ def timed_row(task: str, fn, args, batch_size: int, cfg, peak: float, donate: bo
   median, _ = time_steps(fn, args, cfg.steps, cfg.warmup, donate)
   return {'task': task, 'impl': 'capjax', 'examples_per_s': batch_size / median,
           'step_ms': 1000 * median, 'batch_size': batch_size, 'n_devices': jax.device_count(),
-          'device_kind': jax.devices()[0].device_kind, 'flops_per_step': flops,
+          'device_kind': jax.devices()[0].device_kind,
+          'xla_flags': os.environ.get('XLA_FLAGS', ''), 'flops_per_step': flops,
           'xla_flops_per_step': xla_flops, 'peak_flops': peak,
           'mfu': flops / median / peak if peak else None}
 

@@ -1,5 +1,6 @@
 """The benchmark mode: FLOP counting, result rows, and the launch.py wiring."""
 import json
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 
 import reliability_helpers as rh
 from capjax import bench
+from capjax import xla_flags
 from capjax.flops import model_flops
 
 def test_model_flops_counts_every_scan_iteration():
@@ -77,8 +79,27 @@ def test_launch_bench_mode_prints_one_json_line_per_task(tmp_path):
       [sys.executable, 'launch.py', '--config=configs/bench.py:task=greedy+caption',
        '--mode=bench', f'--workdir={tmp_path}', '--config.bench.batch_size=4',
        '--config.bench.steps=2', '--config.bench.warmup=1', '--config.bench.peak_flops=1e11'],
-      cwd=rh.ROOT, capture_output=True, text=True, timeout=300, check=True)
+      cwd=rh.ROOT, capture_output=True, text=True, timeout=300, check=True,
+      env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'})  # launch.py sets them.
   rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{')]
   assert [r['task'] for r in rows] == ['greedy', 'caption']
+  if xla_flags._jaxlib_version() >= xla_flags._MIN_JAXLIB:  # launch.py set the CPU defaults.
+    assert 'ynn_fusion_type=-individual_convolution' in rows[0]['xla_flags']
   with open(tmp_path / 'bench.jsonl') as f:
     assert [json.loads(line)['task'] for line in f] == ['greedy', 'caption']
+
+
+def test_cpu_flag_defaults_are_added_but_never_override_the_users():
+  name, value = xla_flags.CPU_DEFAULTS[0]
+  assert xla_flags.with_cpu_defaults('') == f'--{name}={value}'
+  assert xla_flags.with_cpu_defaults('--xla_dump_to=/tmp/d') == f'--xla_dump_to=/tmp/d --{name}={value}'
+  assert xla_flags.with_cpu_defaults(f'--{name}=individual_dot') == f'--{name}=individual_dot'
+
+
+@pytest.mark.parametrize('flags,enabled', [
+    ('', True), ('--xla_cpu_experimental_ynn_fusion_type=-individual_convolution', False),
+    ('--xla_cpu_experimental_ynn_fusion_type=+dot', True),
+    ('--xla_cpu_experimental_ynn_fusion_type=individual_dot', False),
+    ('--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution', True)])
+def test_ynn_convolutions_enabled_reads_the_fusion_type_flag(flags, enabled):
+  assert xla_flags.ynn_convolutions_enabled(flags) is enabled

@@ -61,12 +61,24 @@ def _conv_reference(case):
 
 @pytest.mark.parametrize('case,impl', [(c, 'auto') for c in CONV_CASES] + [
     ('3x3_same_s2', 'im2col'), ('7x7_s2_explicit', 'im2col'), ('3x2_asym_pairs', 'im2col'),
-    ('3x3_valid_nobias', 'hybrid')])
+    ('3x3_valid_nobias', 'hybrid'), ('3x3_same_s2', 'hybrid'), ('7x7_s2_explicit', 'hybrid'),
+    ('3x2_asym_pairs', 'hybrid'), ('3x3_same_s1', 'lax')])
 def test_conv_values_and_grads_equal_nn_conv(case, impl):
   x, params = _conv_inputs(case)
   mine = layers.Conv(**CONV_CASES[case], impl=impl)
   _assert_trees_close(jax.jit(functools.partial(_out_and_grads, mine))(params, x),
                       _conv_reference(case))
+
+
+@pytest.mark.parametrize('batch,images_per_chunk', [(5, None), (6, None), (6, 3)])
+def test_chunked_weight_grad_equals_lax_weight_grad(batch, images_per_chunk):
+  # The default chunking (2 images, 1 for odd batches) and an explicit one, over several chunks.
+  x, g = _randn(0, (batch, 9, 7, 4)), _randn(1, (batch, 5, 4, 6))
+  kernel = _randn(2, (3, 3, 4, 6))
+  strides, pads = (2, 2), ((1, 1), (1, 1))
+  _, vjp = jax.vjp(lambda k: layers._lax_conv(x, k, strides, pads), kernel)
+  np.testing.assert_allclose(
+      layers._weight_grad(x, g, kernel.shape, strides, pads, images_per_chunk), vjp(g)[0], **TOL)
 
 
 def test_conv_params_have_nn_conv_names_and_shapes():

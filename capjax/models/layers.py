@@ -2,21 +2,25 @@
 is in `capjax.models.lstm`).
 
 `Conv` is a drop-in for `flax.linen.Conv` on NHWC inputs (same fields that matter, same param names
-and shapes, so params load either way). Measured on a 2-core AVX-512 CPU with jax 0.10 (whose XLA
-runs convolutions and dots through YNNPACK): the forward convolution and its input gradient are
-faster as XLA convolutions than as im2col + matmul (building the 9x patch array costs more than the
-matmul saves), but XLA's *weight* gradient, a convolution whose window is the whole output image,
-is slow: for SimpleCNN's layers at batch 128 (2026-12-01) it took 2.5 s vs 0.28 s for the matmul
-at 32x32x32->64, 4.6 s vs 0.6 s at 32x32x64->64, 0.8 s vs 0.33 s at 16x16x128->128, and about
-the same at 64x64 and 8x8. `impl='auto'` therefore keeps XLA's forward and input gradient and
-computes the weight gradient as one im2col matmul in a custom VJP ('hybrid'). Grouped
-convolutions use XLA's convolution.
+and shapes, so params load either way). What is fastest depends on who runs the convolution
+(measured on the 2-core AVX2 CPU with jax 0.10.2, SimpleCNN's layers at batch 128):
+* jaxlib's default hands convolutions to YNNPACK, whose *weight* gradient (a convolution whose
+  window is the whole output image) is slow: 1.2-1.5 s vs 0.34 s at 64x64x32->32 and 0.64 s vs
+  0.17 s at 32x32x64->64 for im2col matmuls over chunks of the batch (the patches then stay in
+  cache). There `impl='auto'` is 'hybrid': XLA's forward and input gradient, and that weight
+  gradient in a custom VJP.
+* With YNNPACK convolutions off (capjax.xla_flags, which launch.py applies), XLA's own
+  convolutions are 1.5-2x faster forward and its weight gradients about as fast as the chunked
+  matmuls, and the whole SimpleCNN step was 10-20% faster with them alone (2.65-2.82 s vs
+  3.09-3.59 s per step). There `impl='auto'` is 'lax'.
+Grouped convolutions always use XLA's convolution.
 
 `max_pool` is `nn.max_pool` for non-overlapping windows, written as strided slices so that it and
 its gradient fuse (XLA's reduce_window / select_and_scatter loops are ~10x slower here).
 """
 from collections.abc import Callable, Sequence
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +28,8 @@ from flax.linen.dtypes import promote_dtype
 import jax
 from jax import lax
 import jax.numpy as jnp
+
+from capjax import xla_flags
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -88,9 +94,36 @@ def _hybrid_bwd(strides, pads, res, g):
   # Input gradient: XLA's transposed convolution (fast on CPU); unused ones are removed by DCE.
   # linear_transpose, unlike vjp, does not trace a (dead) second forward convolution.
   (dx,) = jax.linear_transpose(lambda x_: _lax_conv(x_, kernel, strides, pads), x)(g)
-  cols = _im2col(x, kernel.shape[:2], strides, pads)
-  dk = lax.dot_general(cols, g, (((0, 1, 2), (0, 1, 2)), ((), ())))
-  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+  return dx, _weight_grad(x, g, kernel.shape, strides, pads).astype(kernel.dtype)
+
+
+def _weight_grad(x, g, kernel_shape, strides, pads, images_per_chunk=None):
+  """d(loss)/d(kernel) of a convolution: sum over the batch of im2col(x)^T @ g, chunk by chunk.
+
+  One matmul over the whole batch would contract ~10^5-10^6 rows of a 9x patch array that
+  lives in main memory (600 MB for a 64x64x32 layer at batch 128); a scan over chunks of
+  `images_per_chunk` (default 2, or 1 for odd batches) builds each chunk's patches in cache
+  and accumulates. Measured at batch 128 on the 2-core CPU (2026-12-02): 3.7x faster at
+  64x64x32->32, 2-3x at 32x32 and 16x16, ~1.5x at 8x8.
+  """
+  b = x.shape[0]
+  n = images_per_chunk or (2 if b % 2 == 0 else 1)
+  if b % n:
+    raise ValueError(f'batch {b} must divide into chunks of {n} images.')
+  acc_dtype = jnp.promote_types(jnp.result_type(x, g), jnp.float32)
+
+  def add_chunk(acc, x_and_g):
+    x_chunk, g_chunk = x_and_g
+    cols = _im2col(x_chunk, kernel_shape[:2], strides, pads)
+    # g^T @ cols (rows on the contracting side of both) was the fastest layout measured.
+    return acc + lax.dot_general(
+        g_chunk.reshape(-1, g_chunk.shape[-1]), cols.reshape(-1, cols.shape[-1]),
+        (((0,), (0,)), ((), ())), preferred_element_type=acc_dtype), None
+
+  chunks = lambda a: a.reshape(b // n, n, *a.shape[1:])
+  acc = jnp.zeros((g.shape[-1], math.prod(kernel_shape[:3])), acc_dtype)
+  acc, _ = lax.scan(add_chunk, acc, (chunks(x), chunks(g)))
+  return acc.T.reshape(kernel_shape)
 
 
 _hybrid_conv.defvjp(_hybrid_fwd, _hybrid_bwd)
@@ -106,8 +139,9 @@ def conv2d(x_BxHxWxC, kernel, strides=(1, 1), padding='SAME', feature_group_coun
     strides: two ints.
     padding: 'SAME', 'VALID', an int, or two ints / (lo, hi) pairs.
     feature_group_count: groups (grouped / depthwise convolutions use XLA's convolution).
-    impl: 'auto' (= 'hybrid', the fastest measured), 'lax', 'im2col' (autodiff of patches + one
-      matmul) or 'hybrid' (XLA forward and input gradient, matmul weight gradient).
+    impl: 'auto' (the fastest measured under the XLA flags in effect; see the module doc),
+      'lax', 'im2col' (autodiff of patches + one matmul) or 'hybrid' (XLA forward and input
+      gradient, chunked matmul weight gradient).
 
   Returns:
     (B, Ho, Wo, F).
@@ -116,7 +150,7 @@ def conv2d(x_BxHxWxC, kernel, strides=(1, 1), padding='SAME', feature_group_coun
   strides = tuple(strides)
   pads = _pairs(padding, kernel_size, strides, x_BxHxWxC.shape[1:3])
   if impl == 'auto':
-    impl = 'hybrid'
+    impl = 'hybrid' if xla_flags.ynn_convolutions_enabled() else 'lax'
   if impl == 'lax' or feature_group_count != 1:
     return _lax_conv(x_BxHxWxC, kernel, strides, pads, feature_group_count)
   if impl == 'im2col':
