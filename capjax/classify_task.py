@@ -166,9 +166,12 @@ def training_job(config, workdir: str) -> tuple[loop.Job, dict]:
                len(splits['train']), len(splits['validation']), len(splits['test']))
   model = build_model(config.model, len(class_names))
   size = config.data.image_size
+  total_steps = loop.total_steps(config, len(splits['train']))
+  size_at_step = classify_pipeline.size_schedule(config.data.get('progressive_sizes', ()),
+                                                 size, total_steps)
   train_data = classify_pipeline.train_dataset(
       splits['train'], batch_size=config.train.batch_size, seed=config.seed, image_size=size,
-      mean=mean, std=std, aug=config.augment)
+      mean=mean, std=std, aug=config.augment, size_at_step=size_at_step)
   validate = None
   if len(splits['validation']):
     val_data = classify_pipeline.eval_dataset(splits['validation'],
@@ -179,8 +182,7 @@ def training_job(config, workdir: str) -> tuple[loop.Job, dict]:
   step = functools.partial(classify_steps.classify_train_step,
                            label_smoothing=float(config.train.label_smoothing))
   job = loop.Job(model=model, sample_inputs=_sample_inputs(size), train_data=train_data,
-                 train_step=step, validate=validate,
-                 total_steps=loop.total_steps(config, len(splits['train'])))
+                 train_step=step, validate=validate, total_steps=total_steps)
   return job, dict(splits=splits, class_names=class_names, mean=mean, std=std)
 
 

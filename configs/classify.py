@@ -41,8 +41,11 @@ def get_config(arg=None):
   # over the train split) that the normalisation statistics are computed from. in_memory:
   # hold the decoded splits in RAM (Tiny ImageNet30 at 64 px: ~200 MB); turn it off for
   # data sets larger than memory.
+  # progressive_sizes: (start_fraction, size) pairs that train on smaller images early on
+  # (see capjax.data.classify_pipeline.size_schedule); () trains at image_size throughout.
   c.data = ml_collections.ConfigDict(dict(image_size=64, num_threads=2,
-                                          stats_max_images=20000, in_memory=True))
+                                          stats_max_images=20000, in_memory=True,
+                                          progressive_sizes=()))
   # crop: 'pad' (random crop of the padded image), 'resized' (random-resized crop with
   # crop_scale of the area) or 'none'. mixup/cutmix: Beta(alpha, alpha); 0 turns them off.
   c.augment = ml_collections.ConfigDict(dict(
@@ -81,7 +84,13 @@ def get_config(arg=None):
     c.train.update(steps=900, batch_size=64, eval_every=300, checkpoint_every=300)
     c.optim.update(name='adamw', learning_rate=3e-3, warmup_steps=50,
                    final_lr_fraction=0.02, weight_decay=1e-4)
-  elif arg.dataset not in ('tiny_imagenet30', 'image_folder'):
+  elif arg.dataset == 'tiny_imagenet30':
+    # Progressive resizing: half the run at 40 px (a third of a 64 px step's time on the
+    # 2-core CPU: 0.76 s vs 2.2-2.4 s at batch 128), then 48, 56, and the last 15% at 64.
+    # 2,200 steps then take about as long as ~1,200 at 64 px, and are 21 epochs.
+    c.data.progressive_sizes = ((0.0, 40), (0.5, 48), (0.7, 56), (0.85, 64))
+    c.train.update(steps=2200, eval_every=550, checkpoint_every=550)
+  elif arg.dataset != 'image_folder':
     from capjax.errors import UserError
     raise UserError(f"configs/classify.py: dataset={arg.dataset!r} is unknown; use shapes30, "
                     f"tiny_imagenet30 or image_folder.")

@@ -103,3 +103,30 @@ def test_mixed_batches_carry_partner_labels_and_weights(mixup, cutmix):
   assert batch['mix'].shape == (8,) and 0.0 <= batch['mix'][0] <= 1.0
   assert batch['image'].shape == (8, 12, 12, 3) and batch['image'].dtype == np.float32
   np.testing.assert_array_equal(ds[0]['image'], batch['image'])
+
+
+def test_size_schedule_switches_at_the_start_fractions():
+  at = cp.size_schedule(((0, 8), (0.5, 10), (0.75, 12)), image_size=12, total_steps=8)
+  assert [at(s) for s in range(9)] == [8, 8, 8, 8, 10, 10, 12, 12, 12]
+  assert cp.size_schedule((), image_size=12, total_steps=8)(5) == 12
+
+
+@pytest.mark.parametrize('bad', [((0.1, 8),), ((0, 8), (0, 10)), ((0, 8), (1.0, 12)),
+                                 ((0, 4),), ((0, 16),)])
+def test_size_schedule_rejects_bad_fractions_and_sizes(bad):
+  with pytest.raises(cp.UserError, match='progressive_sizes'):
+    cp.size_schedule(bad, image_size=12, total_steps=8)
+
+
+def test_progressive_batches_take_each_steps_size_and_stay_deterministic():
+  src = _source()
+  at = cp.size_schedule(((0, 8), (0.5, 12)), image_size=12, total_steps=4)
+  make = lambda: cp.train_dataset(src, batch_size=8, seed=1, image_size=12, mean=STATS[0],
+                                  std=STATS[1], aug=_aug(crop='pad'), size_at_step=at)
+  batches = _batches(make(), 5)
+  assert [b['image'].shape[1:3] for b in batches] == [(8, 8)] * 2 + [(12, 12)] * 3
+  np.testing.assert_array_equal(make()[3]['image'], batches[3]['image'])
+  # The steps at full size see what the same seed gives without a schedule.
+  plain = cp.train_dataset(src, batch_size=8, seed=1, image_size=12, mean=STATS[0],
+                           std=STATS[1], aug=_aug(crop='pad'))
+  np.testing.assert_array_equal(plain[2]['image'], batches[2]['image'])
