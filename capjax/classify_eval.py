@@ -20,27 +20,29 @@ from capjax.data import classify_pipeline
 from capjax.metrics import classification as cls_metrics
 from capjax.train import classify_steps, sharding
 
-_eval_step = jax.jit(classify_steps.classify_eval_step)
-_logits = jax.jit(classify_steps.classify_logits)
+_eval_step = jax.jit(classify_steps.classify_eval_step, static_argnames='flip_average')
+_logits = jax.jit(classify_steps.classify_logits, static_argnames='flip_average')
 
 
-def validation_metrics(state, dataset, mesh) -> dict:
+def validation_metrics(state, dataset, mesh, flip_average: bool = False) -> dict:
   """Loss, top-1 and top-5 accuracy over one pass of an eval dataset (padding excluded)."""
   totals = {'loss_sum': 0.0, 'correct_sum': 0.0, 'top5_sum': 0.0, 'count': 0.0}
   for batch in dataset:
     batch = sharding.put_batch({k: batch[k] for k in ('image', 'label', 'valid')}, mesh)
-    out = jax.device_get(_eval_step(state, batch))
+    out = jax.device_get(_eval_step(state, batch, flip_average=flip_average))
     totals = {k: totals[k] + float(out[k]) for k in totals}
   count = max(totals['count'], 1.0)
   return {'loss': totals['loss_sum'] / count, 'accuracy': totals['correct_sum'] / count,
           'top5_accuracy': totals['top5_sum'] / count}
 
 
-def predict_probs(state, dataset, mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict_probs(state, dataset, mesh, flip_average: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(probs_NxC, labels_N, logits_NxC) of the valid rows of an eval dataset, in order."""
   labels, logits = [], []
   for batch in dataset:
-    out = _logits(state, sharding.put_batch({'image': batch['image']}, mesh)['image'])
+    out = _logits(state, sharding.put_batch({'image': batch['image']}, mesh)['image'],
+                  flip_average=flip_average)
     out = np.asarray(jax.device_get(out), np.float64)
     keep = np.asarray(batch['valid'], bool)
     logits.append(out[keep])
@@ -61,7 +63,8 @@ def evaluate(state, source, class_names, *, config, workdir: str, split: str,
   dataset = classify_pipeline.eval_dataset(source, batch_size=config.eval.batch_size,
                                            image_size=config.data.image_size, mean=mean,
                                            std=std)
-  probs_NxC, labels_N, logits_NxC = predict_probs(state, dataset, mesh)
+  probs_NxC, labels_N, logits_NxC = predict_probs(state, dataset, mesh,
+                                                   bool(config.eval.get('flip_average')))
   results = cls_metrics.classification_report(probs_NxC, labels_N, class_names)
   shifted = logits_NxC - logits_NxC.max(axis=1, keepdims=True)
   log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))

@@ -6,6 +6,8 @@ normalisation statistics, image size) and the latest checkpoint. Images are deco
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Sequence
 
 import jax
@@ -37,7 +39,8 @@ def predict_workdir(workdir: str, image_paths: Sequence[str], batch_size: int = 
   size = int(meta['image_size'])
   mean, std = np.asarray(meta['mean'], np.float32), np.asarray(meta['std'], np.float32)
   _, state = classify_task.restore_state(config, workdir, len(names))
-  logits_fn = jax.jit(classify_steps.classify_logits)
+  logits_fn = jax.jit(functools.partial(classify_steps.classify_logits,
+                                        flip_average=bool(config.eval.get('flip_average'))))
 
   results, ready = [], []
   for path in image_paths:

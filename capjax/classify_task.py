@@ -178,7 +178,8 @@ def training_job(config, workdir: str) -> tuple[loop.Job, dict]:
                                               batch_size=config.eval.batch_size,
                                               image_size=size, mean=mean, std=std)
     mesh = sharding.make_mesh()
-    validate = lambda st: classify_eval.validation_metrics(st, val_data, mesh)
+    flip = bool(config.eval.get('flip_average'))
+    validate = lambda st: classify_eval.validation_metrics(st, val_data, mesh, flip)
   step = functools.partial(classify_steps.classify_train_step,
                            label_smoothing=float(config.train.label_smoothing))
   job = loop.Job(model=model, sample_inputs=_sample_inputs(size), train_data=train_data,

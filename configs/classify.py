@@ -72,7 +72,9 @@ def get_config(arg=None):
   c.optim = ml_collections.ConfigDict(dict(
       name='sgd', learning_rate=0.1, warmup_steps=200, final_lr_fraction=0.0,
       weight_decay=5e-4, b1=0.9, b2=0.999, momentum=0.9, grad_clip_norm=0.0))
-  c.eval = ml_collections.ConfigDict(dict(split='test', batch_size=250))
+  # flip_average: average the logits of each image and its mirror image (validation, test
+  # and predict); for models trained with augment.flip.
+  c.eval = ml_collections.ConfigDict(dict(split='test', batch_size=250, flip_average=False))
 
   if arg.dataset == 'shapes30':
     # Small images and a narrow CNN: >= 95% test accuracy within minutes on 2 CPU cores.

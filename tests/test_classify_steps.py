@@ -93,3 +93,17 @@ def test_eval_step_sums_over_valid_rows_only():
   assert float(out['count']) == 3.0
   assert float(out['correct_sum']) == float((logits.argmax(1) == [0, 1, 2]).sum())
   assert float(out['top5_sum']) == 3.0  # 5 classes: top-5 always hits.
+
+
+def test_flip_average_is_the_mean_over_mirror_images_and_flip_invariant():
+  state = _fixed_state()
+  x = jnp.asarray(np.random.RandomState(0).randn(2, 8, 8, 3), jnp.float32)
+  mirrored = x[:, :, ::-1]
+  plain = classify_steps.classify_logits(state, x)
+  averaged = classify_steps.classify_logits(state, x, flip_average=True)
+  np.testing.assert_allclose(
+      averaged, 0.5 * (plain + classify_steps.classify_logits(state, mirrored)), rtol=1e-6)
+  np.testing.assert_allclose(
+      classify_steps.classify_logits(state, mirrored, flip_average=True), averaged,
+      rtol=1e-5, atol=1e-6)
+  assert not np.allclose(plain, averaged)  # Random images are not mirror-symmetric.

@@ -57,14 +57,22 @@ def classify_train_step(state: TrainState, batch: dict, rng: jax.Array, *,
   return new_state, metrics
 
 
-def classify_logits(state: TrainState, images: jnp.ndarray) -> jnp.ndarray:
-  """Inference-mode logits (BatchNorm uses the running statistics)."""
-  return state.apply_fn(_variables(state, state.params), images, train=False)
+def classify_logits(state: TrainState, images_BxHxWxC: jnp.ndarray,
+                    flip_average: bool = False) -> jnp.ndarray:
+  """Inference-mode logits (BatchNorm uses the running statistics).
+
+  With `flip_average`, the mean of the logits of each image and its mirror image: test-time
+  augmentation for a model trained with random horizontal flips.
+  """
+  logits = lambda x: state.apply_fn(_variables(state, state.params), x, train=False)
+  if not flip_average:
+    return logits(images_BxHxWxC)
+  return 0.5 * (logits(images_BxHxWxC) + logits(images_BxHxWxC[:, :, ::-1]))
 
 
-def classify_eval_step(state: TrainState, batch: dict) -> dict:
+def classify_eval_step(state: TrainState, batch: dict, flip_average: bool = False) -> dict:
   """Sums of loss, top-1 and top-5 hits and the count over the batch's valid rows."""
-  logits_BxC = classify_logits(state, batch['image'])
+  logits_BxC = classify_logits(state, batch['image'], flip_average)
   labels_B = batch['label']
   valid_B = batch['valid'].astype(jnp.float32)
   ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
