@@ -54,8 +54,8 @@ def get_config(arg=None):
 
   # name: a preset of capjax.models.classifier.PRESETS. The other fields override the
   # preset where set (0 / () keep its value). conv: 'layers' (capjax.models.layers.Conv:
-  # nn.Conv's values with a matmul weight gradient, 2.4x faster for SimpleCNN's train step
-  # at batch 128 on the 2-core CPU) or 'flax' (nn.Conv).
+  # nn.Conv's values, computed the way measured fastest under the XLA flags in effect) or
+  # 'flax' (nn.Conv).
   c.model = ml_collections.ConfigDict(dict(
       name=arg.model or _DEFAULT_MODEL.get(arg.dataset, 'simple_cnn'), widths=(),
       convs_per_stage=0, stage_sizes=(), stem_width=0, stem_stride=0, dropout=0.0,
