@@ -1,6 +1,6 @@
 """XLA:CPU settings measured to make capjax faster; applied before JAX starts its backend.
 
-jaxlib 0.9+ hands each convolution on the CPU to YNNPACK ("individual_convolution" YNN
+jaxlib (0.10.2 here) hands each convolution on the CPU to YNNPACK ("individual_convolution" YNN
 fusions). On the 2-core AVX2 CPU this project is measured on, those were up to 2x slower than
 XLA's own convolutions forward, and 5-8x slower for weight gradients. Turning them off
 (2026-12-02, jax 0.10.2): SimpleCNN's train step at batch 128 went from 3.41-3.45 s (with
