@@ -16,9 +16,17 @@ CPU_DEFAULTS = (('xla_cpu_experimental_ynn_fusion_type', '-individual_convolutio
 _MIN_JAXLIB = (0, 9)
 
 
+_YNN_FUSION_TYPE = CPU_DEFAULTS[0][0]
+
+
+def _flag_values(xla_flags: str) -> dict[str, str]:
+  """{name: value} of an XLA_FLAGS string; a repeated flag keeps its last value, as XLA does."""
+  return dict(f.lstrip('-').partition('=')[::2] for f in xla_flags.split())
+
+
 def with_cpu_defaults(xla_flags: str) -> str:
   """`xla_flags` plus every CPU_DEFAULTS flag that it does not already set."""
-  given = {f.lstrip('-').split('=')[0] for f in xla_flags.split()}
+  given = _flag_values(xla_flags)
   added = [f'--{name}={value}' for name, value in CPU_DEFAULTS if name not in given]
   return ' '.join([xla_flags.strip()] + added).strip()
 
@@ -42,11 +50,7 @@ def ynn_convolutions_enabled(xla_flags: str | None = None) -> bool:
   default does. capjax.models.layers picks its convolution's weight gradient by this."""
   if xla_flags is None:
     xla_flags = os.environ.get('XLA_FLAGS', '')
-  value = None
-  for flag in xla_flags.split():
-    name, _, v = flag.lstrip('-').partition('=')
-    if name == 'xla_cpu_experimental_ynn_fusion_type':
-      value = v
+  value = _flag_values(xla_flags).get(_YNN_FUSION_TYPE)
   if value is None:
     return True
   items = [t for t in value.split(',') if t]
