@@ -18,16 +18,22 @@ def greedy(apply_fn, variables, features, *, max_len: int, end_id: int, pad_id: 
   """B x max_len token ids: argmax at every step, <pad> after <end>."""
   carry, logits = apply_fn(variables, features, method='start')
 
+  def pick(logits, done):
+    token = jnp.where(done, pad_id, jnp.argmax(logits, -1)).astype(jnp.int32)
+    return token, done | (token == end_id)
+
   def body(state, _):
     carry, logits, done = state
-    token = jnp.where(done, pad_id, jnp.argmax(logits, -1)).astype(jnp.int32)
-    done = done | (token == end_id)
+    token, done = pick(logits, done)
     carry, logits = apply_fn(variables, carry, token, method='step')
     return (carry, logits, done), token
 
   done0 = jnp.zeros(logits.shape[:1], bool)
-  _, tokens_TxB = jax.lax.scan(body, (carry, logits, done0), None, length=max_len)
-  return tokens_TxB.T
+  # max_len - 1 decoder steps: the last token needs only the logits already computed.
+  (_, logits, done), tokens_TxB = jax.lax.scan(body, (carry, logits, done0), None,
+                                               length=max_len - 1)
+  last_B, _ = pick(logits, done)
+  return jnp.concatenate([tokens_TxB.T, last_B[:, None]], axis=1)
 
 
 def length_penalty(length, alpha: float):

@@ -101,6 +101,30 @@ def test_beam_of_one_equals_greedy(model_and_vars):
   np.testing.assert_array_equal(g, b)
 
 
+def _greedy_reference(model, variables, features, max_len, end_id):
+  """Greedy decoding as a plain Python loop of start/step calls."""
+  carry, logits = model.apply(variables, features, method='start')
+  done = np.zeros(features.shape[0], bool)
+  out = []
+  for _ in range(max_len):
+    token = np.where(done, 0, np.argmax(np.asarray(logits), -1))
+    out.append(token)
+    done |= token == end_id
+    carry, logits = model.apply(variables, carry, jnp.asarray(token, jnp.int32), method='step')
+  return np.stack(out, 1)
+
+
+@pytest.mark.parametrize('max_len', [1, 2, L])
+def test_greedy_equals_a_step_by_step_loop(model_and_vars, max_len):
+  model, variables, images, _ = model_and_vars
+  f = model.apply(variables, images, method='encode')
+  for end_id in (2, int(_greedy_reference(model, variables, f, 1, -1)[0, 0])):
+    got = decoding.greedy(model.apply, variables, f, max_len=max_len, end_id=end_id)
+    want = _greedy_reference(model, variables, f, max_len, end_id)
+    assert got.shape == (f.shape[0], max_len)
+    np.testing.assert_array_equal(got, want)
+
+
 def _sequence_logprob(model, variables, features, seqs, end_id):
   """log p(seq | image) counting tokens up to and including the first <end>."""
   carry, logits = model.apply(variables, features, method='start')
