@@ -18,9 +18,11 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from capjax import xla_flags
+from capjax import host_memory, xla_flags
 
-xla_flags.apply()  # Before anything starts JAX's backend.
+# Before anything starts JAX's backend.
+xla_flags.apply()
+host_memory.retain_freed_memory()
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:args].',
                                           lock_config=True)

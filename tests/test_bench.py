@@ -12,7 +12,7 @@ import pytest
 
 import reliability_helpers as rh
 from capjax import bench
-from capjax import xla_flags
+from capjax import host_memory, xla_flags
 from capjax.flops import model_flops
 
 def test_model_flops_counts_every_scan_iteration():
@@ -103,3 +103,26 @@ def test_cpu_flag_defaults_are_added_but_never_override_the_users():
     ('--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution', True)])
 def test_ynn_convolutions_enabled_reads_the_fusion_type_flag(flags, enabled):
   assert xla_flags.ynn_convolutions_enabled(flags) is enabled
+
+
+def test_malloc_settings_leave_the_users_environment_variables_alone():
+  everything = host_memory.settings_to_apply({})
+  assert [p for p, _ in everything] == [-8, -4, -1]  # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD
+  assert host_memory.settings_to_apply({'MALLOC_ARENA_MAX': '4'}) == everything[1:]
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc settings')
+def test_large_buffers_stop_page_faulting_once_the_heap_is_warm():
+  """conftest.py applies host_memory's settings, as launch.py does. Without them, glibc maps
+  each 32 MB output afresh and every call faults on all of its 8,192 pages."""
+  if not host_memory.retain_freed_memory():
+    pytest.skip('this C library has no mallopt')
+  import resource  # pylint: disable=import-outside-toplevel
+  f = jax.jit(lambda x: x * 2.0 + 1.0)
+  x = jnp.ones((8 * 2 ** 20,), jnp.float32)  # 32 MB.
+  faults = []
+  for _ in range(12):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f(x).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+  assert sum(faults[-4:]) < 0.05 * 4 * 8192, faults
