@@ -16,6 +16,8 @@ NEG = -1e9  # "Impossible" score; finite so that sums never produce NaN.
 
 def greedy(apply_fn, variables, features, *, max_len: int, end_id: int, pad_id: int = 0):
   """B x max_len token ids: argmax at every step, <pad> after <end>."""
+  if max_len < 1:
+    raise UserError(f'greedy decoding needs max_len >= 1; got {max_len}.')
   carry, logits = apply_fn(variables, features, method='start')
 
   def pick(logits, done):

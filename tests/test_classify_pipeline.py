@@ -69,27 +69,63 @@ def test_eval_images_normalised_with_train_stats_have_zero_mean_unit_std():
   assert np.concatenate([b['index'] for b in batches])[valid].tolist() == list(range(20))
 
 
-def test_crops_keep_or_set_the_size_and_stay_inside_the_padded_image():
+def test_shift_crops_are_windows_of_the_reflect_padded_image_and_flips_mirror_them():
+  images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+  shifts = np.array([[-2, 1], [0, 0], [2, -2], [1, 2]], np.int32)
+  flips = np.array([False, True, True, False])
+  crops = cp.shift_crop(images, shifts, flips)
+  for image, (dy, dx), flip, crop in zip(images, shifts, flips, crops):
+    padded = np.pad(image, ((2, 2), (2, 2), (0, 0)), mode='reflect')
+    window = padded[2 + dy:10 + dy, 2 + dx:10 + dx]
+    np.testing.assert_array_equal(crop, window[:, ::-1] if flip else window)
   rng = np.random.default_rng(0)
-  image = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
-  crop = cp.random_crop_with_padding(image, rng, 2)
-  assert crop.shape == (8, 8, 3)
-  padded = np.pad(image, ((2, 2), (2, 2), (0, 0)), mode='reflect')
-  assert any(np.array_equal(crop, padded[y:y + 8, x:x + 8])
-             for y in range(5) for x in range(5))
-  assert cp.random_resized_crop(image, rng, 5).shape == (5, 5, 3)
-  assert cp.random_resized_crop(image, rng, 16).dtype == np.uint8
+  assert cp.random_resized_crop(images[0], rng, 5).shape == (5, 5, 3)
+  assert cp.random_resized_crop(images[0], rng, 16).dtype == np.uint8
 
 
-def test_flip_only_mirrors_and_jitter_stays_in_pixel_range():
+def _jitter_reference(x, b, c, s):
+  """Brightness, then contrast about the mean grey, then saturation about each pixel's grey."""
+  grey = lambda y: (y @ cp._LUMA)[..., None]
+  y = x * b
+  y = c * y + (1 - c) * grey(y).mean()
+  y = s * y + (1 - s) * grey(y)
+  return np.clip(y, 0, 255)
+
+
+def test_batched_colour_jitter_is_brightness_then_contrast_then_saturation():
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0, 255, (3, 5, 6, 3)).astype(np.float32)
+  factors = np.array([[1.3, 0.8, 1.2], [1.0, 1.0, 1.0], [0.7, 1.4, 0.5]])
+  out = cp.colour_jitter(x, factors)
+  for xi, fi, oi in zip(x, factors, out):
+    np.testing.assert_allclose(oi, _jitter_reference(xi, *fi), rtol=1e-5, atol=1e-3)
+  np.testing.assert_array_equal(out[1], x[1])  # Factors of 1 change nothing.
+  assert cp.colour_jitter(x, np.ones((3, 3))) is x
+  assert out.min() >= 0 and out.max() <= 255
+
+
+def test_a_batch_augments_each_image_as_augment_does_alone():
+  images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+  aug = _aug(crop='pad', crop_padding=2, flip=True, brightness=0.2, contrast=0.2,
+             saturation=0.2)
+  drawn = [cp.draw_augment(im, np.random.default_rng(i), aug, 8) for i, im in enumerate(images)]
+  batch = cp.apply_augment({k: np.stack([d[k] for d in drawn]) for k in drawn[0]})
+  for i, image in enumerate(images):
+    alone = cp.augment(image, np.random.default_rng(i), aug, 8)
+    np.testing.assert_allclose(batch[i], alone, rtol=1e-6, atol=1e-4)
+    d = drawn[i]
+    crop = cp.shift_crop(image[None], d['shift'][None], d['flip'][None])[0]
+    np.testing.assert_allclose(alone, _jitter_reference(crop.astype(np.float32), *d['jitter']),
+                               rtol=1e-5, atol=1e-3)
+  assert all(np.abs(d['shift']).max() <= 2 for d in drawn)
+
+
+def test_flip_only_mirrors():
   image = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
   aug = _aug(crop='none', brightness=0.0, contrast=0.0, saturation=0.0)
   outs = [cp.augment(image, np.random.default_rng(s), aug, 6) for s in range(20)]
   assert all(np.array_equal(o, image) or np.array_equal(o, image[:, ::-1]) for o in outs)
   assert any(np.array_equal(o, image[:, ::-1]) for o in outs)
-  jittered = cp.colour_jitter(image.astype(np.float32) * 1.5, np.random.default_rng(1),
-                              0.5, 0.5, 0.5)
-  assert jittered.min() >= 0 and jittered.max() <= 255
 
 
 @pytest.mark.parametrize('mixup,cutmix', [(0.4, 0.0), (0.0, 1.0)])
