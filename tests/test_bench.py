@@ -112,7 +112,7 @@ def test_malloc_settings_leave_the_users_environment_variables_alone():
 
 
 _FAULTS_PER_CALL = """
-import resource, sys
+import resource
 from capjax import host_memory
 assert host_memory.retain_freed_memory()
 import jax, jax.numpy as jnp

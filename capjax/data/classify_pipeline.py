@@ -153,15 +153,16 @@ def colour_jitter(x_BxHxWx3: np.ndarray, factors_Bx3: np.ndarray) -> np.ndarray:
   """
   if np.all(factors_Bx3 == 1.0):
     return x_BxHxWx3
-  b, c, s = (factors_Bx3[:, i, None, None] for i in range(3))
-  n = len(x_BxHxWx3)
-  pixels_BxPx3 = x_BxHxWx3.reshape(n, -1, 3)
-  mean_grey = b[:, 0] * (pixels_BxPx3.mean(1) @ _LUMA).astype(np.float64)[:, None]
+  b, c, s = factors_Bx3.T  # Each B, float64.
+  pixels_BxPx3 = x_BxHxWx3.reshape(len(x_BxHxWx3), -1, 3)
+  mean_grey = b * (pixels_BxPx3.mean(1) @ _LUMA)
   # Saturation: y -> s y + (1 - s) grey(y) = y @ (s I + (1 - s) L 1^T).
-  sat_Bx3x3 = s * np.eye(3, dtype=np.float32) + (1 - s) * np.outer(_LUMA, np.ones(3, np.float32))
+  per_image = lambda v: v[:, None, None]
+  sat_Bx3x3 = (per_image(s) * np.eye(3, dtype=np.float32)
+               + per_image(1 - s) * np.outer(_LUMA, np.ones(3, np.float32)))
   # The luma weights sum to 1, so the contrast offset passes saturation unchanged.
-  offset = ((1 - c[:, 0]) * mean_grey).astype(np.float32)[:, None]
-  out = pixels_BxPx3 @ (c * b * sat_Bx3x3).astype(np.float32) + offset
+  offset = per_image((1 - c) * mean_grey).astype(np.float32)
+  out = pixels_BxPx3 @ (per_image(c * b) * sat_Bx3x3).astype(np.float32) + offset
   return np.clip(out, 0.0, 255.0).reshape(x_BxHxWx3.shape)
 
 
@@ -215,8 +216,8 @@ def draw_augment(image: np.ndarray, rng: np.random.Generator, aug: Augment, imag
     image = random_resized_crop(image, rng, image_size, aug.crop_scale)
   else:
     image = resize(image, image_size)
-  flip = bool(aug.flip and rng.uniform() < 0.5)
-  return {'image': image, 'shift': shift, 'flip': np.bool_(flip),
+  flip = np.bool_(aug.flip and rng.uniform() < 0.5)
+  return {'image': image, 'shift': shift, 'flip': flip,
           'jitter': jitter_factors(rng, aug.brightness, aug.contrast, aug.saturation)}
 
 
