@@ -20,9 +20,10 @@ from ml_collections import config_flags
 
 from capjax import host_memory, xla_flags
 
+if __name__ == '__main__':  # Only as the program: the restart replaces the whole process.
+  host_memory.restart_with_huge_pages()
 # Before anything starts JAX's backend.
 xla_flags.apply()
-host_memory.retain_freed_memory()
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:args].',
                                           lock_config=True)

@@ -1,50 +1,79 @@
-"""glibc malloc settings that stop XLA:CPU from page-faulting through every large buffer.
+"""Transparent huge pages for glibc's malloc, so XLA:CPU stops page-faulting through its buffers.
 
-XLA:CPU takes each output and temporary buffer from malloc on its worker threads. For a large
-request glibc gives a worker thread a fresh mmap() and frees it with munmap(). The next step
-then touches every page again for the first time: one page fault per 4 KB written. On the
-2-core CPU this project is measured on, an elementwise op over 64 MB took 50 ms (2.6 GB/s), and
-16,384 faults a call. Three settings keep freed memory in the heap for the next step:
-  * one arena, so worker threads share the main heap;
-  * no mmap;
-  * no trimming.
-With them (2026-12-02, jax 0.10.2), SimpleCNN's train step at batch 128 took 43k page faults a
-step instead of 175k, and the caption benchmark's step 0-5k instead of 27k. SimpleCNN's step
-went from 0.92x the PyTorch peer's speed to 1.07x (medians of three alternating rounds each).
+XLA:CPU takes every output and temporary buffer from malloc. glibc serves a large request with a
+fresh mmap() and returns it with munmap() when it is freed, so the next step touches every page
+for the first time again: one page fault per 4 KB written. glibc's tunable `glibc.malloc.hugetlb=1`
+(glibc 2.35 and later) asks the kernel for transparent huge pages on the memory malloc maps, so a
+fault covers 2 MB. Measured on the 2-core CPU this project is benchmarked on (2026-12-02, jax
+0.10.2, THP mode `madvise`):
+  * `x * 2 + 1` over 64 MB: 16,385 faults and 33 ms a call without it, 544 and 11.5 ms with it;
+  * SimpleCNN's train step at batch 128: 175k faults and 2.50 s without, 680 and 2.14 s with;
+  * the LSTM caption step: 26k faults and 436 ms without, 96 and 366 ms with
+(the step times are medians of three processes each), and peak RSS stayed where it was.
 
-The cost is that the process keeps its peak heap until it exits, as GPU allocators do.
+glibc reads tunables only as a process starts, hence `restart_with_huge_pages`, which launch.py
+calls first thing. Tried before this and dropped: mallopt settings that keep freed memory in the
+heap (one arena, no mmap, no trimming). They were as fast, but the heap fragmented: the SimpleCNN
+benchmark's peak RSS went from 1.16 GB to 1.8-4.6 GB, and a 32 MB buffer still faulted on every
+call for stretches of 5-10 calls in some processes.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 
-# (mallopt parameter, value, the environment variable that sets it at glibc's start-up).
-# M_TRIM_THRESHOLD's largest value is INT_MAX, since mallopt takes an int.
-_SETTINGS = ((-8, 1, 'MALLOC_ARENA_MAX'),                 # M_ARENA_MAX
-             (-4, 0, 'MALLOC_MMAP_MAX_'),                 # M_MMAP_MAX
-             (-1, 2 ** 31 - 1, 'MALLOC_TRIM_THRESHOLD_'))  # M_TRIM_THRESHOLD
+_TUNABLE = 'glibc.malloc.hugetlb'
+_THP_ENABLED = '/sys/kernel/mm/transparent_hugepage/enabled'
 
 
-def settings_to_apply(environ) -> list[tuple[int, int]]:
-  """The (parameter, value) pairs whose environment variable the user has not set."""
-  return [(param, value) for param, value, name in _SETTINGS if name not in environ]
-
-
-def retain_freed_memory() -> bool:
-  """Applies the settings through glibc's mallopt; True if glibc accepted them all.
-
-  Call before JAX starts its backend: threads that already have their own arena keep it. A
-  setting the user gives in the environment stays as the user set it. Elsewhere than Linux,
-  or with a C library that has no mallopt, it does nothing.
-  """
-  if not sys.platform.startswith('linux'):
-    return False
+def glibc_version() -> tuple[int, ...] | None:
+  """(2, 36) for glibc 2.36; None for another C library or operating system."""
   try:
-    mallopt = ctypes.CDLL(None).mallopt
-  except (OSError, AttributeError):
-    return False
-  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  results = [mallopt(param, value) for param, value in settings_to_apply(os.environ)]
-  return all(r == 1 for r in results)
+    name, version = os.confstr('CS_GNU_LIBC_VERSION').split()
+    return tuple(int(part) for part in version.split('.')[:2]) if name == 'glibc' else None
+  except (AttributeError, OSError, TypeError, ValueError):
+    return None
+
+
+def selected_mode(sysfs_text: str) -> str | None:
+  """The bracketed choice in a sysfs file such as 'always [madvise] never'."""
+  chosen = [word[1:-1] for word in sysfs_text.split() if word.startswith('[')]
+  return chosen[0] if chosen else None
+
+
+def transparent_huge_page_mode() -> str | None:
+  try:
+    with open(_THP_ENABLED) as f:
+      return selected_mode(f.read())
+  except OSError:
+    return None
+
+
+def huge_page_environment(environ, glibc: tuple[int, ...] | None,
+                          thp_mode: str | None) -> dict[str, str] | None:
+  """The environment to restart with, or None when a restart would change nothing.
+
+  Only THP mode `madvise` needs the tunable (`always` gives huge pages anyway, `never` none at
+  all). A `glibc.malloc.hugetlb` the user already put in GLIBC_TUNABLES stays as they set it, and
+  it also marks a process that has restarted once.
+  """
+  if glibc is None or glibc < (2, 35) or thp_mode != 'madvise':
+    return None
+  tunables = environ.get('GLIBC_TUNABLES', '')
+  if f'{_TUNABLE}=' in tunables:
+    return None
+  return {**environ, 'GLIBC_TUNABLES': ':'.join(filter(None, (tunables, f'{_TUNABLE}=1')))}
+
+
+def restart_with_huge_pages() -> None:
+  """Re-executes this Python program, with its arguments, under `glibc.malloc.hugetlb=1`.
+
+  Returns without doing anything where that would change nothing (see huge_page_environment).
+  Call it first in a program's main module: nothing done before it survives the restart.
+  """
+  env = huge_page_environment(os.environ, glibc_version(), transparent_huge_page_mode())
+  if env is None:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -7,11 +7,10 @@ import tempfile
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), 'capjax_test_jax_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
-from capjax import host_memory, xla_flags  # pylint: disable=wrong-import-position
+from capjax import xla_flags  # pylint: disable=wrong-import-position
 
-# Tests run under the settings launch.py uses.
+# Tests run under the XLA flags launch.py uses.
 xla_flags.apply()
-host_memory.retain_freed_memory()
 
 import jax  # pylint: disable=wrong-import-position
 

@@ -105,32 +105,75 @@ def test_ynn_convolutions_enabled_reads_the_fusion_type_flag(flags, enabled):
   assert xla_flags.ynn_convolutions_enabled(flags) is enabled
 
 
-def test_malloc_settings_leave_the_users_environment_variables_alone():
-  everything = host_memory.settings_to_apply({})
-  assert [p for p, _ in everything] == [-8, -4, -1]  # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD
-  assert host_memory.settings_to_apply({'MALLOC_ARENA_MAX': '4'}) == everything[1:]
+def test_huge_page_environment_adds_the_tunable_once_and_only_where_it_helps():
+  glibc, tunable = (2, 36), 'glibc.malloc.hugetlb=1'
+  assert host_memory.huge_page_environment({'A': 'b'}, glibc, 'madvise') == {
+      'A': 'b', 'GLIBC_TUNABLES': tunable}
+  assert host_memory.huge_page_environment(
+      {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, glibc, 'madvise') == {
+          'GLIBC_TUNABLES': f'glibc.malloc.arena_max=2:{tunable}'}
+  # The user's own choice, or a process that has restarted already.
+  assert host_memory.huge_page_environment(
+      {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, glibc, 'madvise') is None
+  assert host_memory.huge_page_environment({'GLIBC_TUNABLES': tunable}, glibc, 'madvise') is None
+  # Nothing to gain: huge pages already everywhere, or nowhere, or a glibc without the tunable.
+  for glibc_, mode in [(glibc, 'always'), (glibc, 'never'), (glibc, None), ((2, 34), 'madvise'),
+                       (None, 'madvise')]:
+    assert host_memory.huge_page_environment({}, glibc_, mode) is None
+
+
+def test_selected_mode_reads_the_bracketed_sysfs_choice():
+  assert host_memory.selected_mode('always [madvise] never\n') == 'madvise'
+  assert host_memory.selected_mode('[always] madvise never') == 'always'
+  assert host_memory.selected_mode('') is None
+
+
+_RESTARTS = """
+import os, sys
+print('start', ' '.join(sys.argv[1:]), flush=True)
+from capjax import host_memory
+host_memory.restart_with_huge_pages()
+print('tunables', os.environ.get('GLIBC_TUNABLES'))
+"""
+
+
+def _huge_page_env_or_skip():
+  env = host_memory.huge_page_environment(
+      {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'},
+      host_memory.glibc_version(), host_memory.transparent_huge_page_mode())
+  if env is None:
+    pytest.skip('glibc.malloc.hugetlb changes nothing here (needs glibc >= 2.35 and THP madvise)')
+  return env
+
+
+def test_restart_with_huge_pages_runs_the_program_again_once_with_its_arguments(tmp_path):
+  env = _huge_page_env_or_skip()
+  del env['GLIBC_TUNABLES']
+  script = tmp_path / 'prog.py'
+  script.write_text(_RESTARTS)
+  out = subprocess.run([sys.executable, str(script), '--a=1', 'b'], env=env, capture_output=True,
+                       text=True, check=True, timeout=120).stdout.splitlines()
+  assert out == ['start --a=1 b', 'start --a=1 b', 'tunables glibc.malloc.hugetlb=1'], out
 
 
 _FAULTS_PER_CALL = """
 import resource
-from capjax import host_memory
-assert host_memory.retain_freed_memory()
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: x * 2.0 + 1.0)
-x = jnp.ones((8 * 2 ** 20,), jnp.float32)  # 32 MB: 8,192 pages.
-for _ in range(30):
+x = jnp.ones((16 * 2 ** 20,), jnp.float32)  # 64 MB: 16,384 pages, 32 huge pages.
+for _ in range(20):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(x).block_until_ready()
   print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc settings')
-def test_large_buffers_stop_page_faulting_once_the_heap_is_warm():
-  """In a fresh process, as launch.py starts. Without host_memory's settings, glibc maps each
-  32 MB output afresh and every call faults on all of its 8,192 pages."""
-  env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}
+def test_under_the_tunable_a_large_buffer_faults_per_huge_page_not_per_page():
+  """Without it, glibc maps each 64 MB output afresh and every call faults on its 16,384 pages.
+  With it, 32 faults, plus up to 511 small pages at each end where the kernel did not align the
+  mapping to 2 MB."""
+  env = _huge_page_env_or_skip()
   out = subprocess.run([sys.executable, '-c', _FAULTS_PER_CALL], env=env, capture_output=True,
                        text=True, check=True, timeout=300)
   faults = [int(line) for line in out.stdout.split()]
-  assert len(faults) == 30 and sorted(faults[-10:])[5] < 0.05 * 8192, faults
+  assert len(faults) == 20 and max(faults[3:]) < 0.1 * 16384, faults
