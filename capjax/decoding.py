@@ -46,6 +46,8 @@ def length_penalty(length, alpha: float):
 def beam_search(apply_fn, variables, features, *, beam_size: int, max_len: int,
                 end_id: int, pad_id: int = 0, alpha: float = 0.6):
   """B x max_len token ids of the best beam after length normalisation."""
+  if max_len < 1:
+    raise UserError(f'beam search needs max_len >= 1; got {max_len}.')
   k = beam_size
   carry, logits = apply_fn(variables, features, method='start')
   b, v = logits.shape
@@ -55,8 +57,8 @@ def beam_search(apply_fn, variables, features, *, beam_size: int, max_len: int,
   scores = jnp.tile(jnp.array([0.0] + [NEG] * (k - 1)), (b, 1))
   pad_row = jnp.full((v,), NEG).at[pad_id].set(0.0)
 
-  def body(state, t):
-    carry, logits, seqs, scores, done, lengths = state
+  def extend(carry, logits, seqs, scores, done, lengths, t):
+    """The K best continuations by token t; the carry follows the beams they extend."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(b, k, v)
     logp = jnp.where(done[..., None], pad_row, logp)  # Finished beams only pad, for free.
     cand = (scores[..., None] + logp).reshape(b, k * v)
@@ -69,12 +71,18 @@ def beam_search(apply_fn, variables, features, *, beam_size: int, max_len: int,
     done = was_done | (token == end_id)
     rows = (jnp.arange(b)[:, None] * k + beam).reshape(-1)
     carry = jax.tree.map(lambda x: x[rows], carry)
+    return carry, token, seqs, scores, done, lengths
+
+  def body(state, t):
+    carry, token, *beams = extend(*state, t)
     carry, logits = apply_fn(variables, carry, token.reshape(-1), method='step')
-    return (carry, logits, seqs, scores, done, lengths), None
+    return (carry, logits, *beams), None
 
   init = (carry, logits, jnp.full((b, k, max_len), pad_id, jnp.int32), scores,
           jnp.zeros((b, k), bool), jnp.zeros((b, k), jnp.int32))
-  (_, _, seqs, scores, _, lengths), _ = jax.lax.scan(body, init, jnp.arange(max_len))
+  # max_len - 1 decoder steps, as in greedy: the last token needs only the last logits.
+  state, _ = jax.lax.scan(body, init, jnp.arange(max_len - 1))
+  _, _, seqs, scores, _, lengths = extend(*state, max_len - 1)
   best = jnp.argmax(scores / length_penalty(lengths.astype(jnp.float32), alpha), -1)
   return jnp.take_along_axis(seqs, best[:, None, None], 1)[:, 0]
 

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from capjax import caption_eval, decoding
+from capjax.errors import UserError
 from capjax.data.tokenizer import Vocabulary
 from capjax.models import cnn, decoder
 from capjax.models.captioner import Captioner
@@ -93,12 +94,23 @@ def test_step_by_step_decoding_reproduces_teacher_forcing(model_and_vars):
   np.testing.assert_allclose(jnp.stack(stepped, 1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_beam_of_one_equals_greedy(model_and_vars):
+@pytest.mark.parametrize('max_len', [1, 2, L])
+def test_beam_of_one_equals_greedy(model_and_vars, max_len):
   model, variables, images, _ = model_and_vars
   f = model.apply(variables, images, method='encode')
-  g = decoding.greedy(model.apply, variables, f, max_len=L, end_id=2)
-  b = decoding.beam_search(model.apply, variables, f, beam_size=1, max_len=L, end_id=2)
+  g = decoding.greedy(model.apply, variables, f, max_len=max_len, end_id=2)
+  b = decoding.beam_search(model.apply, variables, f, beam_size=1, max_len=max_len, end_id=2)
+  assert b.shape == (f.shape[0], max_len)
   np.testing.assert_array_equal(g, b)
+
+
+@pytest.mark.parametrize('decode', [decoding.greedy,
+                                    functools.partial(decoding.beam_search, beam_size=2)])
+def test_decoding_no_tokens_is_one_user_error(model_and_vars, decode):
+  model, variables, images, _ = model_and_vars
+  f = model.apply(variables, images, method='encode')
+  with pytest.raises(UserError, match='max_len >= 1'):
+    decode(model.apply, variables, f, max_len=0, end_id=2)
 
 
 def _greedy_reference(model, variables, features, max_len, end_id):
@@ -138,10 +150,11 @@ def _sequence_logprob(model, variables, features, seqs, end_id):
   return total
 
 
-def test_wide_beam_finds_the_most_likely_sequence_exactly(model_and_vars):
+@pytest.mark.parametrize('t_max', [2, 3])
+def test_wide_beam_finds_the_most_likely_sequence_exactly(model_and_vars, t_max):
   """With beam >= V^(T-1) the search is exhaustive: it must match brute force."""
   model, variables, images, _ = model_and_vars
-  t_max, end = 3, 2
+  end = 2
   f = model.apply(variables, images[:1], method='encode')
   best = decoding.beam_search(model.apply, variables, f, beam_size=V ** (t_max - 1),
                               max_len=t_max, end_id=end, alpha=0.0)
