@@ -22,8 +22,7 @@ from capjax import host_memory, xla_flags
 
 if __name__ == '__main__':  # Only as the program: the restart replaces the whole process.
   host_memory.restart_with_huge_pages()
-# Before anything starts JAX's backend.
-xla_flags.apply()
+xla_flags.apply()  # Before anything starts JAX's backend.
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:args].',
                                           lock_config=True)

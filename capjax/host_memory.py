@@ -44,6 +44,7 @@ def selected_mode(sysfs_text: str) -> str | None:
 
 
 def transparent_huge_page_mode() -> str | None:
+  """The kernel's THP mode ('always', 'madvise' or 'never'); None where there is no such file."""
   try:
     with open(_THP_ENABLED) as f:
       return selected_mode(f.read())

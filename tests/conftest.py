@@ -9,8 +9,7 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 from capjax import xla_flags  # pylint: disable=wrong-import-position
 
-# Tests run under the XLA flags launch.py uses.
-xla_flags.apply()
+xla_flags.apply()  # Tests run under the settings launch.py uses.
 
 import jax  # pylint: disable=wrong-import-position
 
