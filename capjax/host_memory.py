@@ -62,10 +62,10 @@ def huge_page_environment(environ, glibc: tuple[int, ...] | None,
   """
   if glibc is None or glibc < (2, 35) or thp_mode != 'madvise':
     return None
-  tunables = environ.get('GLIBC_TUNABLES', '')
-  if f'{_TUNABLE}=' in tunables:
+  tunables = [t for t in environ.get('GLIBC_TUNABLES', '').split(':') if t]
+  if any(t.split('=')[0] == _TUNABLE for t in tunables):
     return None
-  return {**environ, 'GLIBC_TUNABLES': ':'.join(filter(None, (tunables, f'{_TUNABLE}=1')))}
+  return {**environ, 'GLIBC_TUNABLES': ':'.join([*tunables, f'{_TUNABLE}=1'])}
 
 
 def restart_with_huge_pages() -> None:

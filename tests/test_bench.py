@@ -11,9 +11,9 @@ import ml_collections
 import pytest
 
 import reliability_helpers as rh
-from capjax import bench
-from capjax import host_memory, xla_flags
+from capjax import bench, host_memory, xla_flags
 from capjax.flops import model_flops
+
 
 def test_model_flops_counts_every_scan_iteration():
   x, w = jnp.ones((8, 16)), jnp.ones((16, 16))
