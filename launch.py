@@ -18,7 +18,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from capjax import host_memory, xla_flags
+from capjax.runtime import host_memory, xla_flags
 
 if __name__ == '__main__':  # Only as the program: the restart replaces the whole process.
   host_memory.restart_with_huge_pages()
@@ -101,7 +101,8 @@ def main(argv):
     _fail(f'unexpected arguments {argv[1:]}; every option is a --flag=value.')
   if not _WORKDIR.value and _MODE.value != 'bench':
     _fail('--workdir is required (the folder for checkpoints, metrics and results).')
-  from capjax import distributed, run  # After flag parsing: keeps --help fast.
+  from capjax import run  # After flag parsing: keeps --help fast.
+  from capjax.runtime import distributed
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            auto=_DISTRIBUTED.value)

@@ -1,154 +1,80 @@
-"""The one function launch.py calls: checks the config and workdir, then dispatches a mode.
+"""The one function launch.py calls: checks the config and workdir, then runs a mode.
 
-Everything a user can get wrong (a config value, a workdir, a data path) is checked here or in
-the readers before the workdir is written to, and raised as a `UserError` whose message names
-the field or file and what to do; launch.py prints it as one line.
+Everything a user can get wrong (a config value, a workdir, a data path) is checked here, in
+the task's config rules or in the readers before the workdir is written to, and raised as a
+`UserError` whose message names the field or file and what to do; launch.py prints it as one
+line. Every task is reached through `capjax.tasks`.
 """
 from __future__ import annotations
 
 import logging as std_logging
-import numbers
 import os
 
 from absl import logging
 
+from capjax import tasks
 from capjax.errors import UserError
+from capjax.runtime import workdir as workdir_lib
 
-TASKS = ('caption', 'classify')
 MODES = ('train', 'eval', 'predict', 'bench')
-STEM_PATCH = 4  # The caption encoders' space-to-depth tile (capjax.models.cnn.CaptionEncoder).
-
-
-def _number(v) -> bool:
-  return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def _int(v) -> bool:
-  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _ints(v) -> bool:
-  return isinstance(v, (list, tuple)) and len(v) > 0 and all(_int(x) and x > 0 for x in v)
-
-
-# (config field, test, what the value must be). Fields a config does not have are skipped, so
-# one table serves every task.
-_CHECKS = [
-    ('seed', _int, 'a whole number'),
-    ('train.steps', lambda v: _int(v) and v >= 0, 'a whole number > 0 (or set train.epochs)'),
-    ('train.epochs', lambda v: _number(v) and v >= 0, 'a number >= 0 (0: use train.steps)'),
-    ('train.batch_size', lambda v: _int(v) and v > 0, 'a whole number > 0'),
-    ('train.log_every', lambda v: _int(v) and v > 0, 'a whole number > 0'),
-    ('train.eval_every', lambda v: _int(v) and v >= 0, 'a whole number >= 0 (0: never)'),
-    ('train.checkpoint_every', lambda v: _int(v) and v > 0, 'a whole number > 0'),
-    ('train.keep_checkpoints', lambda v: _int(v) and v >= 1, 'a whole number >= 1'),
-    ('train.nan_policy', lambda v: v in ('stop', 'skip'), "'stop' or 'skip'"),
-    ('train.label_smoothing', lambda v: _number(v) and 0 <= v < 1, 'in [0, 1)'),
-    ('optim.name', lambda v: v in ('adamw', 'sgd'), "'adamw' or 'sgd'"),
-    ('optim.learning_rate', lambda v: _number(v) and v > 0, 'a number > 0'),
-    ('optim.warmup_steps', lambda v: _int(v) and v >= 0, 'a whole number >= 0'),
-    ('optim.final_lr_fraction', lambda v: _number(v) and 0 <= v <= 1, 'in [0, 1]'),
-    ('optim.weight_decay', lambda v: _number(v) and v >= 0, 'a number >= 0'),
-    ('optim.b1', lambda v: _number(v) and 0 <= v < 1, 'in [0, 1)'),
-    ('optim.b2', lambda v: _number(v) and 0 <= v < 1, 'in [0, 1)'),
-    ('optim.momentum', lambda v: _number(v) and 0 <= v < 1, 'in [0, 1)'),
-    ('optim.grad_clip_norm', lambda v: _number(v) and v >= 0, 'a number >= 0 (0: no clipping)'),
-    ('eval.batch_size', lambda v: _int(v) and v > 0, 'a whole number > 0'),
-    ('eval.split', lambda v: v in ('train', 'validation', 'test'),
-     "'train', 'validation' or 'test'"),
-    ('eval.decoding', lambda v: v in ('greedy', 'beam'), "'greedy' or 'beam'"),
-    ('eval.beam_size', lambda v: _int(v) and v >= 1, 'a whole number >= 1'),
-    ('eval.length_alpha', lambda v: _number(v) and v >= 0, 'a number >= 0'),
-    ('eval.num_samples', lambda v: _int(v) and v >= 0, 'a whole number >= 0'),
-    ('data.num_threads', lambda v: _int(v) and v >= 0, 'a whole number >= 0'),
-    ('data.caption_length', lambda v: _int(v) and v >= 3,
-     'a whole number >= 3 (<start>, a word, <end>)'),
-    ('data.image_size', lambda v: _int(v) and v > 0, 'a whole number > 0'),
-    ('shapes.image_size', lambda v: _int(v) and v > 0, 'a whole number > 0'),
-    ('data.stats_max_images', lambda v: _int(v) and v > 0, 'a whole number > 0'),
-    ('vocab.min_freq', lambda v: _int(v) and v >= 1, 'a whole number >= 1'),
-    ('vocab.max_size', lambda v: _int(v) and v > 4, 'a whole number > 4 (4 special tokens)'),
-    ('model.dtype', lambda v: v in ('float32', 'bfloat16', 'float16'),
-     "'float32', 'bfloat16' or 'float16'"),
-    ('model.dropout', lambda v: _number(v) and 0 <= v < 1, 'in [0, 1)'),
-    ('model.embed_dim', lambda v: _int(v) and v > 0, 'a whole number > 0'),
-    ('model.hidden', lambda v: _int(v) and v > 0, 'a whole number > 0'),
-    ('model.attn_dim', lambda v: _int(v) and v > 0, 'a whole number > 0'),
-    ('model.attention_reg', lambda v: _number(v) and v >= 0, 'a number >= 0'),
-    ('model.score', lambda v: v in ('additive', 'dot'), "'additive' or 'dot'"),
-    ('model.query', lambda v: v in ('previous', 'current'), "'previous' or 'current'"),
-    ('model.conv', lambda v: v in ('flax', 'layers'), "'flax' or 'layers'"),
-    ('augment.crop', lambda v: v in ('pad', 'resized', 'none'), "'pad', 'resized' or 'none'"),
-    ('augment.crop_padding', lambda v: _int(v) and v >= 0, 'a whole number >= 0'),
-    ('augment.mixup_alpha', lambda v: _number(v) and v >= 0, 'a number >= 0 (0: off)'),
-    ('augment.cutmix_alpha', lambda v: _number(v) and v >= 0, 'a number >= 0 (0: off)'),
-]
-_CAPTION_CHECKS = [
-    ('shapes.num_train', lambda v: _int(v) and v > 0, 'a whole number > 0'),
-    ('shapes.num_validation', lambda v: _int(v) and v > 0, 'a whole number > 0'),
-    ('shapes.num_test', lambda v: _int(v) and v > 0, 'a whole number > 0'),
-]
-# The from-scratch caption encoders (capjax.models.cnn.CaptionEncoder and its presets).
-_PATCH_ENCODERS = ('shapes_cnn', 'cnn', 'tiny_cnn')
-_PATCH_CHECKS = [
-    ('model.widths', _ints, 'a non-empty list of whole numbers > 0, e.g. (64, 64, 128)'),
-    ('model.strides', _ints, 'a non-empty list of whole numbers > 0, e.g. (1, 1, 2)'),
-]
-
-
-_MISSING = object()
-
-
-def _get(config, path: str):
-  """config's value at a dotted path, or a sentinel when the config has no such field."""
-  node = config
-  for key in path.split('.'):
-    if not hasattr(node, 'keys') or key not in node.keys():
-      return _MISSING
-    node = node[key]
-  return node
-
 
 
 def validate(config) -> None:
-  """Raises UserError naming the first config field whose value is out of range."""
-  task = config.get('task') if hasattr(config, 'get') else None
-  if task not in TASKS:
-    raise UserError(f'config.task={task!r} is unknown; use one of {", ".join(TASKS)}.')
-  patch_encoder = task == 'caption' and config.model.get('encoder') in _PATCH_ENCODERS
-  checks = _CHECKS + (_CAPTION_CHECKS if task == 'caption' else []) + (
-      _PATCH_CHECKS if patch_encoder else [])
-  for path, ok, requirement in checks:
-    value = _get(config, path)
-    if value is _MISSING or value is None:
-      continue
-    try:
-      good = bool(ok(value))
-    except TypeError:  # e.g. a string compared with a number
-      good = False
-    if not good:
-      raise UserError(f'config.{path}={value!r} is not allowed: it must be {requirement}; '
-                      f'change it in the config file or with --config.{path}=...')
-  train = config.train
-  if not train.get('epochs') and train.get('steps', 1) <= 0:
-    raise UserError(f'config.train.steps={train.steps} must be > 0 when config.train.epochs '
-                    f'is 0; set one of them.')
-  if patch_encoder:
-    if len(config.model.widths) != len(config.model.strides):
-      raise UserError(f'config.model.widths has {len(config.model.widths)} entries and '
-                      f'config.model.strides {len(config.model.strides)}; give one stride '
-                      f'per width.')
-    field = 'shapes.image_size' if config.get('dataset') == 'shapes' else 'data.image_size'
-    size = _get(config, field)
-    if size is not _MISSING and _int(size) and size % STEM_PATCH:
-      raise UserError(f'config.{field}={size} must be a multiple of {STEM_PATCH} for '
-                      f'config.model.encoder={config.model.encoder!r} (it folds '
-                      f'{STEM_PATCH}x{STEM_PATCH} pixel tiles); use e.g. '
-                      f'{size - size % STEM_PATCH or STEM_PATCH}.')
-  for field in ('data_dir', 'tfds_dir'):
-    path = config.get(field)
-    if path and os.path.exists(path) and not os.path.isdir(path):
-      raise UserError(f'config.{field}={path!r} is a file; point it at a folder.')
+  """Raises UserError naming the first config field whose value cannot work."""
+  tasks.get(config.get('task') if hasattr(config, 'get') else None).validate(config)
+
+
+def train_and_evaluate(task: tasks.Task, config, workdir: str, splits: tasks.Splits) -> dict:
+  """Trains on the train split (resuming from `workdir` if it can), then evaluates on
+  config.eval.split; returns the eval metrics ({} when training was interrupted)."""
+  from capjax.tools import plots  # pylint: disable=import-outside-toplevel
+  from capjax.train import loop, state as state_lib  # pylint: disable=import-outside-toplevel
+  workdir_lib.save_config(config, workdir)
+  job, trained = task.training_job(config, workdir, splits)
+  outcome = loop.train(job, config, workdir)
+  if outcome.interrupted:
+    return {}
+  workdir_lib.write_run_info(workdir, task=task.NAME, dataset=config.dataset,
+                             num_params=state_lib.num_params(outcome.state),
+                             train_time_s=outcome.train_time_s, steps=outcome.step,
+                             batch_size=config.train.batch_size, **task.run_info(config))
+  plots.plot_curves(workdir_lib.curves(workdir, task.CURVES),
+                    os.path.join(workdir, workdir_lib.CURVES_FILE), title=task.NAME)
+  trained.state = outcome.state
+  return task.evaluate(config, workdir, trained, splits)
+
+
+def evaluate_workdir(config, workdir: str) -> dict:
+  """`--mode=eval`: scores the workdir's newest checkpoint on config.eval.split (reading only
+  that split, which training prepared)."""
+  task = tasks.get(config.task)
+  splits = task.load_splits(config, (config.eval.split,))
+  return task.evaluate(config, workdir, task.restore_trained(config, workdir), splits)
+
+
+def predict(workdir: str, paths) -> list[dict]:
+  """`--mode=predict`: prints one line per image (its prediction, or why it could not be
+  read) and returns the task's results.
+
+  Raises:
+    UserError: no images were given, the workdir is not a trained run, or no image could be
+      read (the message names the first bad file).
+  """
+  if not paths:
+    raise UserError('--images is empty: pass image files, e.g. --images=a.jpg,b.png.')
+  config = workdir_lib.load_config(workdir)
+  task = tasks.get(config.get('task'))
+  results = task.predict(config, workdir, paths)
+  bad = [r for r in results if 'error' in r]
+  if len(bad) == len(results):
+    raise UserError(bad[0]['error'] if len(bad) == 1 else
+                    f'None of the {len(bad)} images could be read; the first: '
+                    f'{bad[0]["error"]}')
+  for r in results:
+    print(f"{r['path']}\t{'error: ' + r['error'] if 'error' in r else task.describe(r)}")
+  if bad:
+    print(f'{len(bad)} of {len(results)} images could not be read (see the error lines).')
+  return results
 
 
 def _bench(config, workdir: str | None) -> None:
@@ -162,7 +88,7 @@ def _bench(config, workdir: str | None) -> None:
   import json  # pylint: disable=import-outside-toplevel
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   tfds.disable_progress_bar()
-  from capjax import bench  # pylint: disable=import-outside-toplevel
+  from capjax.tools import bench  # pylint: disable=import-outside-toplevel
   rows = bench.main(config)
   if workdir:
     os.makedirs(workdir, exist_ok=True)
@@ -206,8 +132,7 @@ def main(config, workdir: str, mode: str, images=()) -> None:
   if not workdir:
     raise UserError('--workdir is required.')
   if mode == 'predict':
-    from capjax import predict
-    predict.main(workdir, images)
+    predict(workdir, images)
     return
   if config is None:
     raise UserError('--config is required for --mode=train/eval (e.g. '
@@ -216,21 +141,18 @@ def main(config, workdir: str, mode: str, images=()) -> None:
   _check_workdir(workdir, mode)
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
-  from capjax import distributed
-  if config.task == 'caption':
-    from capjax import caption_task as task
-  else:
-    from capjax import classify_task as task
-  if mode == 'eval':  # Reads only the split it scores, which training prepared.
-    task.evaluate_workdir(config, workdir)
+  from capjax.runtime import distributed
+  if mode == 'eval':
+    evaluate_workdir(config, workdir)
     return
+  task = tasks.get(config.task)
   # Data first: a wrong data path fails before the workdir is created, and with several
   # processes process 0 prepares the data set alone before the others read it.
   with distributed.main_process_first('capjax_prepare_data'):
-    task.load_splits(config)
+    splits = task.load_splits(config)
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise UserError(f'--workdir={workdir} cannot be created ({e.strerror or e}); pick a '
                     f'folder you can write to.') from e
-  task.train_and_evaluate(config, workdir)
+  train_and_evaluate(task, config, workdir, splits)

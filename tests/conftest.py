@@ -7,7 +7,7 @@ import tempfile
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), 'capjax_test_jax_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
-from capjax import xla_flags  # pylint: disable=wrong-import-position
+from capjax.runtime import xla_flags  # pylint: disable=wrong-import-position
 
 xla_flags.apply()  # Tests run under the settings launch.py uses.
 

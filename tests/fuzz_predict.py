@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reliability_helpers as rh  # noqa: E402
-from capjax import predict  # noqa: E402
+from capjax import run  # noqa: E402
 from capjax.data.errors import DataError  # noqa: E402
 from capjax.data.images import load_image  # noqa: E402
 
@@ -161,7 +161,7 @@ def main() -> int:
     chunk = paths[start:start + 40]
     try:
       with contextlib.redirect_stdout(io.StringIO()):
-        results = predict.main(workdir, chunk)
+        results = run.predict(workdir, chunk)
     except predict.UserError as e:  # Every file of the chunk unreadable: one error line.
       outcome['chunk with no readable file (UserError)'] += 1
       assert '\n' not in str(e)
@@ -170,7 +170,7 @@ def main() -> int:
       unhandled.append((f'predict chunk {start}', traceback.format_exc(limit=5)))
       continue
     for path, r in zip(chunk, results):
-      assert r['image'] == path
+      assert r['path'] == path
       if 'caption' in r:
         outcome['captioned'] += 1
       else:

@@ -172,7 +172,8 @@ def make_predict_workdir(workdir: str, damaged_latest: bool = False) -> None:
   """A workdir predict can use, without training: config, vocabulary, a step-1 checkpoint
   of a freshly initialised runlocal captioner (and a step-2 one with truncated arrays)."""
   import jax
-  from capjax import caption_task, run_files
+  from capjax.caption import task as caption_task
+  from capjax.runtime import workdir as run_files
   from capjax.data.tokenizer import Vocabulary
   from capjax.train import checkpoint
   from capjax.train import state as state_lib

@@ -11,8 +11,10 @@ import ml_collections
 import pytest
 
 import reliability_helpers as rh
-from capjax import bench, host_memory, xla_flags
-from capjax.flops import model_flops
+from capjax.tools import bench
+from capjax.runtime import host_memory
+from capjax.runtime import xla_flags
+from capjax.tools.flops import model_flops
 
 
 def test_model_flops_counts_every_scan_iteration():
@@ -131,7 +133,7 @@ def test_selected_mode_reads_the_bracketed_sysfs_choice():
 _RESTARTS = """
 import os, sys
 print('start', ' '.join(sys.argv[1:]), flush=True)
-from capjax import host_memory
+from capjax.runtime import host_memory
 host_memory.restart_with_huge_pages()
 print('tunables', os.environ.get('GLIBC_TUNABLES'))
 """

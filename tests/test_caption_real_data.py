@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 import fixture_layouts as fx
-from capjax.data import caption_tfds, features, pipeline
+from capjax.data import caption_tfds, features
+from capjax.caption import pipeline
+from capjax.data import loading
 from capjax.data.errors import DataError
 
 NAMES = fx.flickr_names(6)
@@ -17,7 +19,7 @@ def _load(tmp_path, dataset, root, split, **read):
 
 
 def _texts(example):
-  return [pipeline._text(c) for c in example['captions']]
+  return [loading.text(c) for c in example['captions']]
 
 
 def test_flickr8k_official_layout_prepares_encoded_images_that_decode_at_any_size(tmp_path):
@@ -26,12 +28,12 @@ def test_flickr8k_official_layout_prepares_encoded_images_that_decode_at_any_siz
   assert len(train) == 3
   example = train[0]
   assert isinstance(example['image'], bytes)  # Encoded: decoded in the grain map.
-  assert pipeline._text(example['id']) == os.path.splitext(TRAIN[0])[0]
+  assert loading.text(example['id']) == os.path.splitext(TRAIN[0])[0]
   assert _texts(example) == captions[TRAIN[0]]
   assert pipeline.image_decoder(12)(example).shape == (12, 12, 3)
   # 'validation' is the official dev split.
   validation = _load(tmp_path, 'flickr8k', tmp_path / 'f8k', 'validation')
-  assert [pipeline._text(validation[i]['id']) for i in range(2)] == [
+  assert [loading.text(validation[i]['id']) for i in range(2)] == [
       os.path.splitext(n)[0] for n in DEV]
 
 

@@ -17,7 +17,9 @@ import pytest
 
 import fixture_layouts as fx
 import reliability_helpers as rh
-from capjax import caption_task, compare, predict, run
+from capjax import run
+from capjax.caption import task as caption_task
+from capjax.tools import compare
 from capjax.data import features
 from capjax.models import encoders, keras_weights
 
@@ -95,12 +97,12 @@ def test_merge_on_a_frozen_encoder_trains_from_cached_features_then_reuses_them(
   key = features.read_key(str(data / 'feat' / cached[1]))
   assert key['weights'].startswith('sha256:') and key['kind'] == 'pooled'
   mtimes = {n: os.path.getmtime(data / 'feat' / n) for n in cached}
-  results = caption_task.evaluate_workdir(config, workdir)  # --mode=eval: a cache hit.
+  results = run.evaluate_workdir(config, workdir)  # --mode=eval: a cache hit.
   assert results['num_examples'] == 4
   assert {n: os.path.getmtime(data / 'feat' / n) for n in cached} == mtimes
   # The checkpoint holds the file's encoder (with its BatchNorm statistics), unchanged by
   # training, so new images are captioned by the encoder the decoder learned from.
-  _, _, state = caption_task.restore_model(config, workdir)
+  state = caption_task.restore_trained(config, workdir).state
   for got, want in zip(jax.tree.leaves(state.batch_stats['encoder']['backbone']),
                        jax.tree.leaves(weights['batch_stats'])):
     np.testing.assert_allclose(got, want)
@@ -108,7 +110,7 @@ def test_merge_on_a_frozen_encoder_trains_from_cached_features_then_reuses_them(
                        jax.tree.leaves(weights['params'])):
     np.testing.assert_allclose(got, want)
   image = fx.write_image(data / 'other.png', size=(16, 16))
-  assert isinstance(predict.main(workdir, [image])[0]['caption'], str)
+  assert isinstance(run.predict(workdir, [image])[0]['caption'], str)
 
 
 def test_attention_over_the_cached_grid_draws_attention_maps(data):

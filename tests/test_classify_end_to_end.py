@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import fixture_layouts as fx
-from capjax import classify_predict, classify_task, compare, run
+from capjax import run
+from capjax.classify import task as classify_task
+from capjax.tools import compare
 from configs import classify
 
 
@@ -65,7 +67,7 @@ def test_predict_gives_top5_probabilities_and_reports_unreadable_files(cnn_workd
                                                                        capsys):
   good = fx.write_image(tmp_path / 'mine.png', colour=(10, 200, 30), size=(40, 50))
   bad = fx.write_text(tmp_path / 'broken.jpg', b'not an image')
-  out = classify_predict.predict_workdir(cnn_workdir, [good, bad])
+  out = run.predict(cnn_workdir, [good, bad])
   assert [r['path'] for r in out] == [good, bad]
   names = [n for n, _ in out[0]['top']]
   probs = [p for _, p in out[0]['top']]
@@ -73,7 +75,7 @@ def test_predict_gives_top5_probabilities_and_reports_unreadable_files(cnn_workd
   assert 0 < sum(probs) <= 1 + 1e-6
   assert 'error' in out[1] and 'broken.jpg' in out[1]['error']
   printed = capsys.readouterr().out.splitlines()
-  assert printed[0].startswith(f'{good}: {names[0]} ') and printed[1].startswith(f'{bad}: error')
+  assert printed[0].startswith(f'{good}\t{names[0]} ') and printed[1].startswith(f'{bad}\terror')
 
 
 def test_compare_tabulates_a_plain_and_a_residual_cnn(cnn_workdir, tfds_dir, tmp_path):
@@ -102,7 +104,7 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tfds_dir, tm
   run.main(config(12), straight, 'train')
   run.main(config(6), resumed, 'train')
   run.main(config(12), resumed, 'train')
-  states = [classify_task.restore_state(config(12), w, 30)[1] for w in (straight, resumed)]
+  states = [classify_task.restore_trained(config(12), w).state for w in (straight, resumed)]
   assert int(states[0].step) == int(states[1].step) == 12
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                (states[0].params, states[0].batch_stats),
@@ -120,4 +122,4 @@ def test_config_arguments_pick_dataset_recipes_and_reject_unknown_values():
   with pytest.raises(run.UserError, match='stage_sizes'):
     config = classify.get_config('model=simple_cnn')
     config.model.stage_sizes = (1, 1)
-    classify_task.build_model(config.model, 30)
+    run.validate(config)

@@ -3,7 +3,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from capjax.data import classify_pipeline as cp
+from capjax.classify import pipeline as cp
+from capjax.classify.config import check_progressive_sizes
+from capjax.errors import UserError
 
 
 def _source(n=40, size=12, seed=0):
@@ -149,9 +151,9 @@ def test_size_schedule_switches_at_the_start_fractions():
 
 @pytest.mark.parametrize('bad', [((0.1, 8),), ((0, 8), (0, 10)), ((0, 8), (1.0, 12)),
                                  ((0, 4),), ((0, 16),)])
-def test_size_schedule_rejects_bad_fractions_and_sizes(bad):
-  with pytest.raises(cp.UserError, match='progressive_sizes'):
-    cp.size_schedule(bad, image_size=12, total_steps=8)
+def test_progressive_sizes_with_bad_fractions_or_sizes_are_config_errors(bad):
+  with pytest.raises(UserError, match='--config.data.progressive_sizes'):
+    check_progressive_sizes(bad, image_size=12)
 
 
 def test_progressive_batches_take_each_steps_size_and_stay_deterministic():

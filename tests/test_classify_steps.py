@@ -7,7 +7,7 @@ import numpy as np
 import optax
 
 from capjax.models import classifier
-from capjax.train import classify_steps
+from capjax.classify import steps as classify_steps
 from capjax.train import state as state_lib
 
 

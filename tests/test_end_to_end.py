@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import reliability_helpers as rh
-from capjax import predict, run
+from capjax import run
 from capjax.train import logs
 
 
@@ -34,7 +34,7 @@ def trained(tmp_path_factory):
 def test_run_leaves_results_in_workdir(trained):
   workdir, _ = trained
   for name in ('eval.json', 'run.json', 'vocab.json', 'config.json', 'metrics.jsonl',
-               'loss_curve.png', 'samples.png', 'captions_test.jsonl'):
+               'curves.png', 'samples.png', 'captions_test.jsonl'):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
   results = json.load(open(os.path.join(workdir, 'eval.json')))
@@ -65,8 +65,8 @@ def test_predict_captions_rgba_png_and_grey_jpeg(trained, tmp_path):
                   'RGBA').save(rgba)
   grey = tmp_path / 'grey.jpg'
   Image.fromarray(np.full((40, 30), 128, np.uint8), 'L').save(grey)
-  results = predict.main(workdir, [str(rgba), str(grey)])
-  assert [r['image'] for r in results] == [str(rgba), str(grey)]
+  results = run.predict(workdir, [str(rgba), str(grey)])
+  assert [r['path'] for r in results] == [str(rgba), str(grey)]
   assert all(isinstance(r['caption'], str) for r in results)
 
 
@@ -75,4 +75,4 @@ def test_predict_on_a_non_image_is_one_clear_error(trained, tmp_path):
   bad = tmp_path / 'notes.png'
   bad.write_text('not an image')
   with pytest.raises(run.UserError, match='notes.png'):
-    predict.main(workdir, [str(bad)])
+    run.predict(workdir, [str(bad)])

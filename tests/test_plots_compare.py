@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from capjax import compare
-from capjax import plots
+from capjax.tools import compare
+from capjax.tools import plots
 from capjax.metrics import classification as cls
 
 
@@ -175,7 +175,7 @@ def test_compare_cli_prints_table_and_reports_errors_without_traceback(tmp_path)
   prefix = str(tmp_path / 'cli')
   assert compare.main([f'--out={prefix}', cap, clf]) == 0
   assert os.path.exists(prefix + '.md') and os.path.exists(prefix + '.png')
-  result = subprocess.run([sys.executable, '-m', 'capjax.compare', f'--out={prefix}',
+  result = subprocess.run([sys.executable, '-m', 'capjax.tools.compare', f'--out={prefix}',
                            str(tmp_path / 'nope')], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 2

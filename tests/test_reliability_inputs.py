@@ -10,7 +10,7 @@ import pytest
 
 import fixture_layouts as fx
 import reliability_helpers as rh
-from capjax import predict
+from capjax.caption import predict
 from capjax.data import caption_tfds, features
 from capjax.data.errors import DataError
 from capjax.data.images import load_image

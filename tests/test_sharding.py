@@ -10,7 +10,8 @@ SCRIPT = textwrap.dedent('''
     jax.config.update('jax_numpy_rank_promotion', 'raise')
     from capjax.models import cnn, decoder
     from capjax.models.captioner import Captioner
-    from capjax.train import sharding, steps, state as state_lib
+    from capjax.train import sharding, state as state_lib
+    from capjax.caption import steps
 
     assert len(jax.devices()) == 4, jax.devices()
     model = Captioner(cnn.CaptionEncoderTiny(), decoder.InjectDecoder(13, 8, 16))

@@ -29,7 +29,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from capjax import xla_flags
+from capjax.runtime import xla_flags
 
 Array = jax.Array
 Initializer = Callable[..., Array]

@@ -22,7 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from capjax import distributed
+from capjax.runtime import distributed
 from capjax.errors import UserError
 
 DAMAGED_DIR = 'checkpoints_damaged'

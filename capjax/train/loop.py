@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from capjax import distributed
-from capjax.data import pipeline
+from capjax.runtime import distributed
+from capjax.data import loading
 from capjax.errors import UserError
 from capjax.train import checkpoint, logs, sharding
 from capjax.train import state as state_lib
@@ -185,7 +185,7 @@ def train(job: Job, config, workdir: str) -> Outcome:
                f'{state_lib.num_params(state):,}', mesh.size, jax.process_count())
 
   mngr = checkpoint.manager(workdir, keep=cfg.keep_checkpoints, cleanup_tmp=True)
-  iterator = pipeline.iterate(job.train_data, num_threads=config.data.num_threads)
+  iterator = loading.iterate(job.train_data, num_threads=config.data.num_threads)
   start_step, train_time, data_state = 0, 0.0, {}
   restored = checkpoint.restore_latest(mngr, state, set_aside=True)
   if restored is not None:

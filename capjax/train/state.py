@@ -33,5 +33,14 @@ def create(model, tx: optax.GradientTransformation, rng: jax.Array, *sample_inpu
   return jax.jit(init, out_shardings=mesh_shardings(abstract))(rng)
 
 
+def variables(state: TrainState, params=None) -> dict:
+  """The model variables of `state` for `apply`: its params (or `params`, the ones being
+  differentiated), plus the BatchNorm statistics of models that have them."""
+  params = state.params if params is None else params
+  if state.batch_stats:
+    return {'params': params, 'batch_stats': state.batch_stats}
+  return {'params': params}
+
+
 def num_params(state: TrainState) -> int:
   return sum(x.size for x in jax.tree.leaves(state.params))

@@ -1,62 +1,37 @@
 """Evaluation of a trained captioner on one split: losses, decoding, caption metrics, figures."""
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from capjax import decoding, distributed
-from capjax.data import pipeline
+from capjax.caption import decoding
+from capjax.data import shapes
+from capjax.runtime import distributed
+from capjax.data import loading
 from capjax.data.tokenizer import Vocabulary
 from capjax.metrics.caption import caption_metrics, cosine_similarity
-from capjax.train import sharding, steps
+from capjax.caption.data import SplitInputs
+from capjax.train import sharding
+from capjax.train import state as state_lib
+from capjax.train.evaluation import batch_sums
+from capjax.caption import steps
 
-
-@dataclasses.dataclass
-class SplitInputs:
-  """What one split feeds the model.
-
-  Attributes:
-    source: random access to {input_key or 'image', 'captions', ...}.
-    input_key: 'image' (pixels or encoded bytes, through `image_fn`) or 'features' (cached).
-    image_fn: example -> uint8 image, when the source's images need decoding.
-    image: index -> uint8 image, for figures (samples, attention maps).
-    max_refs: references per image in eval batches (images with fewer get padding rows).
-  """
-  source: Sequence[dict]
-  input_key: str = 'image'
-  image_fn: Optional[Callable[[Any], np.ndarray]] = None
-  image: Optional[Callable[[int], np.ndarray]] = None
-  max_refs: Optional[int] = None
-
-  def eval_dataset(self, vocab: Vocabulary, *, batch_size: int, caption_length: int):
-    return pipeline.caption_eval_dataset(
-        self.source, vocab, batch_size=batch_size, caption_length=caption_length,
-        image_fn=self.image_fn, input_key=self.input_key, max_refs=self.max_refs)
-
-
-def variables_of(state) -> dict:
-  """Model variables of a train state: params, plus BatchNorm statistics when there are any."""
-  if state.batch_stats:
-    return {'params': state.params, 'batch_stats': state.batch_stats}
-  return {'params': state.params}
+_eval_step = jax.jit(steps.caption_eval_step)
 
 
 def teacher_forced_metrics(state, dataset, mesh, input_key: str = 'image') -> dict:
   """Loss, perplexity and token accuracy over every reference, <pad> excluded."""
-  eval_fn = jax.jit(steps.caption_eval_step)
-  totals = {'loss_sum': 0.0, 'correct_sum': 0.0, 'token_count': 0.0}
-  for batch in dataset:
-    batch = sharding.put_batch({k: batch[k] for k in (input_key, 'tokens', 'valid')}, mesh)
-    out = jax.device_get(eval_fn(state, batch))
-    totals = {k: totals[k] + float(out[k]) for k in totals}
+  totals = batch_sums(functools.partial(_eval_step, state), dataset, mesh,
+                      inputs=(input_key, 'tokens', 'valid'),
+                      outputs=('loss_sum', 'correct_sum', 'token_count'))
   count = max(totals['token_count'], 1.0)
   loss = totals['loss_sum'] / count
   return {'loss': loss, 'perplexity': float(np.exp(min(loss, 50.0))),
@@ -65,23 +40,10 @@ def teacher_forced_metrics(state, dataset, mesh, input_key: str = 'image') -> di
 
 def make_decode_fn(model, vocab: Vocabulary, *, config, from_features: bool):
   """jit(variables, images or features) -> B x max_len ids with config.eval's method."""
-  kwargs = dict(method=config.eval.decoding, max_len=config.data.caption_length - 1,
-                end_id=vocab.end_id, beam_size=config.eval.beam_size,
-                alpha=config.eval.length_alpha)
-  if not from_features:
-    return decoding.make_captioner_fn(model, **kwargs)
-  decoding.make_captioner_fn(model, **kwargs)  # Validates the method name, nothing else.
-
-  @jax.jit
-  def run(variables, features):
-    if kwargs['method'] == 'greedy':
-      return decoding.greedy(model.apply, variables, features, max_len=kwargs['max_len'],
-                             end_id=vocab.end_id)
-    return decoding.beam_search(model.apply, variables, features, beam_size=kwargs['beam_size'],
-                                max_len=kwargs['max_len'], end_id=vocab.end_id,
-                                alpha=kwargs['alpha'])
-
-  return run
+  return decoding.make_captioner_fn(
+      model, method=config.eval.decoding, max_len=config.data.caption_length - 1,
+      end_id=vocab.end_id, beam_size=config.eval.beam_size, alpha=config.eval.length_alpha,
+      from_features=from_features)
 
 
 def generate(model, variables, vocab: Vocabulary, batches, *, config,
@@ -145,14 +107,14 @@ def evaluate(model, state, vocab: Vocabulary, inputs, *, config, workdir: str, s
   dataset = inputs.eval_dataset(vocab, batch_size=config.eval.batch_size,
                                 caption_length=config.data.caption_length)
   results = teacher_forced_metrics(state, dataset, mesh, key)
-  variables = variables_of(state)
+  variables = state_lib.variables(state)
   batches = (tuple(sharding.put_batch({key: b[key], 'index': b['index'].astype(np.int32),
                                        'valid': b['valid']}, mesh)[k]
                    for k in (key, 'index', 'valid'))
              for b in dataset)
   hyps = generate(model, variables, vocab, batches, config=config,
                   from_features=key == 'features')
-  refs = {i: [pipeline._text(c) for c in source[i]['captions']] for i in hyps}
+  refs = {i: [loading.text(c) for c in source[i]['captions']] for i in hyps}
   results.update(caption_metrics(refs, hyps, meteor=config.eval.meteor))
   results['cosine_similarity'] = cosine_similarity(refs, hyps)
   if scene_accuracy is not None:
@@ -169,7 +131,7 @@ def evaluate(model, state, vocab: Vocabulary, inputs, *, config, workdir: str, s
 
 
 def _write(workdir, split, results, refs, hyps, inputs: SplitInputs, config) -> None:
-  from capjax import plots  # matplotlib only where figures are drawn.
+  from capjax.tools import plots  # matplotlib only where figures are drawn.
   with open(os.path.join(workdir, 'eval.json'), 'w') as f:
     json.dump(results, f, indent=1, sort_keys=True)
   with open(os.path.join(workdir, f'captions_{split}.jsonl'), 'w') as f:
@@ -185,7 +147,7 @@ def _write(workdir, split, results, refs, hyps, inputs: SplitInputs, config) -> 
 
 def _plot_attention(model, variables, vocab, inputs: SplitInputs, config, workdir) -> None:
   """attention_<k>.png for the first config.eval.attention_plots examples."""
-  from capjax import plots  # matplotlib only where figures are drawn.
+  from capjax.tools import plots  # matplotlib only where figures are drawn.
   count = min(int(config.eval.get('attention_plots', 3)), len(inputs.source))
   if count == 0:
     return
@@ -201,3 +163,19 @@ def _plot_attention(model, variables, vocab, inputs: SplitInputs, config, workdi
     if words:
       plots.plot_attention(inputs.image(k), words, maps.reshape(len(words), h, w),
                            os.path.join(workdir, f'attention_{k}.png'))
+
+
+def scene_accuracy(source):
+  """For shapes: exact-scene accuracy of the generated captions, and the oracle BLEU-4."""
+
+  def score(refs: dict, hyps: dict) -> dict:
+    truth = {i: shapes.Scene.from_json(json.loads(source[i]['scene'])) for i in hyps}
+    exact = np.mean([shapes.parse(hyps[i]) == truth[i] for i in hyps])
+    # A fresh grammar caption per true scene, scored against the same references:
+    # the BLEU ceiling that the grammar's own variety allows.
+    rng = np.random.default_rng(12345)
+    oracle = {i: shapes.describe(truth[i], rng) for i in hyps}
+    oracle_bleu = caption_metrics(refs, oracle, meteor=False)['bleu_4']
+    return {'exact_scene_accuracy': float(exact), 'oracle_bleu_4': oracle_bleu}
+
+  return score

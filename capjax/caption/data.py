@@ -10,20 +10,40 @@ A split reaches the model in one of three ways (`split_inputs`):
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from capjax.caption_eval import SplitInputs
-from capjax.data import caption_tfds, features, pipeline, shapes_tfds
+from capjax.data import caption_tfds, features, loading, shapes_tfds
+from capjax.caption import pipeline
 from capjax.data.tokenizer import Vocabulary
-from capjax.errors import UserError
+from capjax.tasks import Splits
 
-SPLITS = ('train', 'validation', 'test')
+@dataclasses.dataclass
+class SplitInputs:
+  """What one split feeds the model.
+
+  Attributes:
+    source: random access to {input_key or 'image', 'captions', ...}.
+    input_key: 'image' (pixels or encoded bytes, through `image_fn`) or 'features' (cached).
+    image_fn: example -> uint8 image, when the source's images need decoding.
+    image: index -> uint8 image, for figures (samples, attention maps).
+    max_refs: references per image in eval batches (images with fewer get padding rows).
+  """
+  source: Sequence[dict]
+  input_key: str = 'image'
+  image_fn: Optional[Callable[[Any], np.ndarray]] = None
+  image: Optional[Callable[[int], np.ndarray]] = None
+  max_refs: Optional[int] = None
+
+  def eval_dataset(self, vocab: Vocabulary, *, batch_size: int, caption_length: int):
+    return pipeline.caption_eval_dataset(
+        self.source, vocab, batch_size=batch_size, caption_length=caption_length,
+        image_fn=self.image_fn, input_key=self.input_key, max_refs=self.max_refs)
 
 
 def needed_splits(config) -> list[str]:
@@ -31,8 +51,9 @@ def needed_splits(config) -> list[str]:
   return list(dict.fromkeys(['train', 'validation', config.eval.split]))
 
 
-def load_splits(config, splits: Sequence[str] | None = None) -> dict:
-  """{split: random-access source} for config.dataset; `splits` default to `needed_splits`.
+def load_splits(config, splits: Sequence[str] | None = None) -> Splits:
+  """The random-access source of each split of config.dataset; `splits` default to
+  `needed_splits`.
 
   Real data sets prepare each split on its own, so a run that never touches 'test' does not
   need the test images (Flickr8k's are withheld here, as in a partial download).
@@ -44,13 +65,10 @@ def load_splits(config, splits: Sequence[str] | None = None) -> dict:
                                   num_train=s.num_train, num_validation=s.num_validation,
                                   num_test=s.num_test, seed=s.seed)
     sources = builder.as_data_source()
-    return {split: sources[split] for split in splits}
-  if config.dataset in caption_tfds.DATASETS:
-    args = caption_tfds.reader_args(config)
-    return {split: caption_tfds.load_split(config.tfds_dir, config.dataset, config.data_dir,
-                                           split, **args)[0] for split in splits}
-  raise UserError(f"config.dataset={config.dataset!r} is not a caption data set; use one of "
-                  f"shapes, {', '.join(caption_tfds.DATASETS)}.")
+    return Splits({split: sources[split] for split in splits})
+  args = caption_tfds.reader_args(config)
+  return Splits({split: caption_tfds.load_split(config.tfds_dir, config.dataset, config.data_dir,
+                                                split, **args)[0] for split in splits})
 
 
 def split_name(source) -> str:
@@ -63,23 +81,12 @@ def split_name(source) -> str:
 
 def read_captions(source) -> list[list[str]]:
   """Every example's reference captions, as str, in order (images are not decoded)."""
-  get_many = getattr(source, '__getitems__', None)
-  out = []
-  for start in range(0, len(source), 512):
-    idx = list(range(start, min(start + 512, len(source))))
-    examples = get_many(idx) if get_many else [source[i] for i in idx]
-    out.extend([pipeline._text(c) for c in e['captions']] for e in examples)
-  return out
+  return list(loading.read_all(source, lambda i, e: [loading.text(c) for c in e['captions']]))
 
 
 def read_ids(source) -> list[str]:
-  get_many = getattr(source, '__getitems__', None)
-  out = []
-  for start in range(0, len(source), 512):
-    idx = list(range(start, min(start + 512, len(source))))
-    examples = get_many(idx) if get_many else [source[i] for i in idx]
-    out.extend(pipeline._text(e.get('id', str(i))) for i, e in zip(idx, examples))
-  return out
+  """Every example's id, as str, in order (its index where it has none)."""
+  return list(loading.read_all(source, lambda i, e: loading.text(e.get('id', str(i)))))
 
 
 def vocabulary(config, workdir: str, train_captions: Sequence[Sequence[str]]) -> Vocabulary:
@@ -162,13 +169,6 @@ def split_inputs(config, split: str, source, *, encode: Callable | None = None,
 
 def _max_refs(source) -> int:
   return max(len(c) for c in source.captions)
-
-
-def sample_inputs(config):
-  """Dummy (images, tokens) that fix the model's parameter shapes at init."""
-  s = image_size(config)
-  return (jnp.zeros((1, s, s, 3), jnp.uint8),
-          jnp.zeros((1, config.data.caption_length), jnp.int32))
 
 
 def log_sizes(vocab: Vocabulary, sources: dict) -> None:

@@ -5,8 +5,6 @@ sequences keep emitting <pad>, so there is no per-token Python loop.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from capjax.errors import UserError
@@ -88,14 +86,16 @@ def beam_search(apply_fn, variables, features, *, beam_size: int, max_len: int,
 
 
 def make_captioner_fn(model, *, method: str, max_len: int, end_id: int,
-                      beam_size: int = 1, alpha: float = 0.6):
-  """jit(variables, images) -> B x max_len ids, encoding and decoding in one program."""
-  if method not in ('greedy', 'beam'):
-    raise UserError(f"config.eval.decoding={method!r} must be 'greedy' or 'beam'.")
+                      beam_size: int = 1, alpha: float = 0.6, from_features: bool = False):
+  """jit(variables, images) -> B x max_len ids, encoding and decoding in one program; with
+  `from_features`, jit(variables, encoder features), for features from the cache.
+
+  `method` is 'greedy' or 'beam' (config.eval.decoding, checked with the config).
+  """
 
   @jax.jit
-  def run(variables, images):
-    features = model.apply(variables, images, method='encode')
+  def run(variables, inputs):
+    features = inputs if from_features else model.apply(variables, inputs, method='encode')
     if method == 'greedy':
       return greedy(model.apply, variables, features, max_len=max_len, end_id=end_id)
     return beam_search(model.apply, variables, features, beam_size=beam_size,

@@ -1,4 +1,4 @@
-"""grain pipelines: shuffle, pick/tokenise captions, decode/flip images, batch, shard per process.
+"""Captioning's grain pipelines: shuffle, pick/tokenise captions, decode/flip images, batch, shard per process.
 
 Random-access `MapDataset`s all the way to the batch, so the iterator state is one
 integer and a restored run sees exactly the batches it would have seen.
@@ -19,12 +19,8 @@ import numpy as np
 from absl import logging
 
 from capjax.data.images import load_image
+from capjax.data.loading import local_batch_size, text
 from capjax.data.tokenizer import Vocabulary
-from capjax.errors import UserError
-
-
-def _text(x) -> str:
-  return x.decode('utf-8') if isinstance(x, bytes) else str(x)
 
 
 def caption_train_dataset(source: Sequence[dict], vocab: Vocabulary, *,
@@ -42,7 +38,7 @@ def caption_train_dataset(source: Sequence[dict], vocab: Vocabulary, *,
 
   def pick(example, rng: np.random.Generator):
     captions = example['captions']
-    caption = _text(captions[rng.integers(len(captions))])
+    caption = text(captions[rng.integers(len(captions))])
     x = example[input_key] if image_fn is None else image_fn(example)
     if flip and input_key == 'image' and rng.random() < 0.5:  # Never mirror features.
       x = np.ascontiguousarray(x[:, ::-1])
@@ -71,7 +67,7 @@ def caption_eval_dataset(source: Sequence[dict], vocab: Vocabulary, *,
   def prep(index_and_example):
     index, example = index_and_example
     x = example[input_key] if image_fn is None else image_fn(example)
-    tokens = np.stack([vocab.encode(_text(c), caption_length)
+    tokens = np.stack([vocab.encode(text(c), caption_length)
                        for c in example['captions']])
     if max_refs is not None:
       tokens = np.pad(tokens[:max_refs], ((0, max(max_refs - len(tokens), 0)), (0, 0)))
@@ -86,27 +82,13 @@ def caption_eval_dataset(source: Sequence[dict], vocab: Vocabulary, *,
   return ds.batch(local_batch)
 
 
-def local_batch_size(batch_size: int) -> int:
-  """This process's share of a global batch (each process loads only its own rows)."""
-  if batch_size % jax.process_count():
-    raise UserError(f'config.train.batch_size={batch_size} must be divisible by the '
-                     f'number of processes ({jax.process_count()}).')
-  return batch_size // jax.process_count()
-
-
-def iterate(ds: grain.MapDataset, num_threads: int = 2, prefetch: int = 4):
-  """A checkpointable iterator that prepares batches on background threads."""
-  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-  return iter(ds.to_iter_dataset(options))
-
-
 def image_decoder(size: int) -> Callable[[dict], np.ndarray]:
   """example -> uint8 size x size x 3: decodes example['image'] bytes, or resizes pixels."""
 
   def decode(example: dict) -> np.ndarray:
     image = example['image']
     if isinstance(image, (bytes, bytearray, memoryview)):
-      return load_image(image, size=size, name=_text(example.get('id', '<image>')))
+      return load_image(image, size=size, name=text(example.get('id', '<image>')))
     image = np.asarray(image, np.uint8)
     if image.shape[:2] != (size, size):
       from capjax.data.images import resize_image  # pylint: disable=import-outside-toplevel
@@ -140,8 +122,8 @@ def decode_in_memory(source: Sequence[dict], size: int, threads: int = 4) -> Dec
   def one(i):
     example = source[i]
     images[i] = decode(example)
-    captions[i] = [_text(c) for c in example['captions']]
-    ids[i] = _text(example.get('id', str(i)))
+    captions[i] = [text(c) for c in example['captions']]
+    ids[i] = text(example.get('id', str(i)))
 
   # Pillow releases the GIL while decoding, so threads overlap reading and decoding.
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:

@@ -9,6 +9,10 @@ import jax
 from capjax.train import logs
 from capjax.errors import UserError
 
+# The training curves' figure: loss and the task's accuracy, train vs validation, over steps.
+# (Workdirs written before 2026-12 named it loss_curve.png for captioning.)
+CURVES_FILE = 'curves.png'
+
 
 def save_config(config, workdir: str) -> None:
   """config.json: what predict/eval rebuild the model from."""
@@ -18,13 +22,17 @@ def save_config(config, workdir: str) -> None:
 
 
 def load_config(workdir: str):
+  """config.json as a ConfigDict; UserError when it is missing or unreadable."""
   import ml_collections
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise UserError(f'{path} is missing: {workdir} is not a capjax workdir; train first '
-                     'with --workdir pointing at it.')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+                    'with --workdir pointing at it.')
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:  # A config.json cut short or edited by hand.
+    raise UserError(f'{path} cannot be read ({e}); point --workdir at a trained run.') from e
 
 
 def write_run_info(workdir: str, **info) -> None:

@@ -1,9 +1,9 @@
-"""Pure classification train/eval steps. Constants are bound with functools.partial.
+"""Classification's pure train/eval steps. Constants are bound with functools.partial.
 
 The train step keeps BatchNorm's running statistics in `state.batch_stats` and draws
 dropout masks from `rng` folded with `state.step`, so a resumed run draws exactly what
 it would have drawn. Augmentation (crops, flips, jitter, mixup/cutmix) happens in the
-grain pipeline; mixed batches arrive with 'label_b' and 'mix' (see classify_pipeline).
+grain pipeline; mixed batches arrive with 'label_b' and 'mix' (see capjax.classify.pipeline).
 """
 from __future__ import annotations
 
@@ -11,11 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from capjax.train import state as state_lib
 from capjax.train.state import TrainState
-
-
-def _variables(state: TrainState, params) -> dict:
-  return {'params': params, 'batch_stats': state.batch_stats}
 
 
 def smoothed_cross_entropy(logits_BxC: jnp.ndarray, labels_B: jnp.ndarray,
@@ -37,7 +34,7 @@ def classify_train_step(state: TrainState, batch: dict, rng: jax.Array, *,
   images, labels = batch['image'], batch['label']
 
   def loss_fn(params):
-    logits, updates = state.apply_fn(_variables(state, params), images, train=True,
+    logits, updates = state.apply_fn(state_lib.variables(state, params), images, train=True,
                                      mutable=['batch_stats'], rngs={'dropout': dropout_rng})
     objective = smoothed_cross_entropy(logits, labels, label_smoothing)
     if 'mix' in batch:
@@ -64,7 +61,7 @@ def classify_logits(state: TrainState, images_BxHxWxC: jnp.ndarray,
   With `flip_average`, the mean of the logits of each image and its mirror image: test-time
   augmentation for a model trained with random horizontal flips.
   """
-  logits = lambda x: state.apply_fn(_variables(state, state.params), x, train=False)
+  logits = lambda x: state.apply_fn(state_lib.variables(state), x, train=False)
   if not flip_average:
     return logits(images_BxHxWxC)
   return 0.5 * (logits(images_BxHxWxC) + logits(images_BxHxWxC[:, :, ::-1]))

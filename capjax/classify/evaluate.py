@@ -2,11 +2,11 @@
 
 Writes to the workdir: eval.json (flat keys: top1_accuracy, top5_accuracy, loss, micro_auc,
 macro_auc, mean_class_accuracy, class_accuracy/<name>, class_auc/<name>, ...),
-confusion_matrix.png (with class names), roc.png (one-vs-rest, per class + micro + macro)
-and curves.png (train vs validation loss and accuracy over steps).
+confusion_matrix.png (with class names) and roc.png (one-vs-rest, per class + micro + macro).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -15,10 +15,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from capjax import run_files
-from capjax.data import classify_pipeline
+from capjax.classify import pipeline as classify_pipeline
 from capjax.metrics import classification as cls_metrics
-from capjax.train import classify_steps, sharding
+from capjax.train import sharding
+from capjax.train.evaluation import batch_sums
+from capjax.classify import steps as classify_steps
 
 _eval_step = jax.jit(classify_steps.classify_eval_step, static_argnames='flip_average')
 _logits = jax.jit(classify_steps.classify_logits, static_argnames='flip_average')
@@ -26,14 +27,28 @@ _logits = jax.jit(classify_steps.classify_logits, static_argnames='flip_average'
 
 def validation_metrics(state, dataset, mesh, flip_average: bool = False) -> dict:
   """Loss, top-1 and top-5 accuracy over one pass of an eval dataset (padding excluded)."""
-  totals = {'loss_sum': 0.0, 'correct_sum': 0.0, 'top5_sum': 0.0, 'count': 0.0}
-  for batch in dataset:
-    batch = sharding.put_batch({k: batch[k] for k in ('image', 'label', 'valid')}, mesh)
-    out = jax.device_get(_eval_step(state, batch, flip_average=flip_average))
-    totals = {k: totals[k] + float(out[k]) for k in totals}
+  totals = batch_sums(functools.partial(_eval_step, state, flip_average=flip_average),
+                      dataset, mesh, inputs=('image', 'label', 'valid'),
+                      outputs=('loss_sum', 'correct_sum', 'top5_sum', 'count'))
   count = max(totals['count'], 1.0)
   return {'loss': totals['loss_sum'] / count, 'accuracy': totals['correct_sum'] / count,
           'top5_accuracy': totals['top5_sum'] / count}
+
+
+def _shifted(logits_NxC: np.ndarray) -> np.ndarray:
+  return logits_NxC - logits_NxC.max(axis=1, keepdims=True)
+
+
+def softmax(logits_NxC: np.ndarray) -> np.ndarray:
+  """Probabilities in float64: ROC needs them, and float32 rounds the smallest to 0, which
+  would tie many examples at the low end of each class's curve."""
+  exp = np.exp(_shifted(np.asarray(logits_NxC, np.float64)))
+  return exp / exp.sum(axis=1, keepdims=True)
+
+
+def log_softmax(logits_NxC: np.ndarray) -> np.ndarray:
+  shifted = _shifted(np.asarray(logits_NxC, np.float64))
+  return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
 def predict_probs(state, dataset, mesh, flip_average: bool = False
@@ -48,11 +63,7 @@ def predict_probs(state, dataset, mesh, flip_average: bool = False
     logits.append(out[keep])
     labels.append(np.asarray(batch['label'])[keep])
   logits_NxC = np.concatenate(logits)
-  # Softmax in float64: ROC needs probabilities, and float32 rounds the smallest to 0,
-  # which would tie many examples at the low end of each class's curve.
-  shifted = logits_NxC - logits_NxC.max(axis=1, keepdims=True)
-  probs_NxC = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
-  return probs_NxC, np.concatenate(labels).astype(np.int64), logits_NxC
+  return softmax(logits_NxC), np.concatenate(labels).astype(np.int64), logits_NxC
 
 
 def evaluate(state, source, class_names, *, config, workdir: str, split: str,
@@ -66,8 +77,7 @@ def evaluate(state, source, class_names, *, config, workdir: str, split: str,
   probs_NxC, labels_N, logits_NxC = predict_probs(state, dataset, mesh,
                                                    bool(config.eval.get('flip_average')))
   results = cls_metrics.classification_report(probs_NxC, labels_N, class_names)
-  shifted = logits_NxC - logits_NxC.max(axis=1, keepdims=True)
-  log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+  log_probs = log_softmax(logits_NxC)
   results['loss'] = float(-log_probs[np.arange(len(labels_N)), labels_N].mean())
   results.update({'split': split, 'dataset': config.dataset,
                   'eval_time_s': time.perf_counter() - t0})
@@ -77,7 +87,7 @@ def evaluate(state, source, class_names, *, config, workdir: str, split: str,
 
 
 def _write(workdir, results, probs_NxC, labels_N, class_names) -> None:
-  from capjax import plots  # matplotlib only where figures are drawn.
+  from capjax.tools import plots  # matplotlib only where figures are drawn.
   with open(os.path.join(workdir, 'eval.json'), 'w') as f:
     json.dump(results, f, indent=1, sort_keys=True)
   cm = cls_metrics.confusion_matrix(labels_N, probs_NxC.argmax(axis=1), len(class_names))
@@ -90,16 +100,7 @@ def _write(workdir, results, probs_NxC, labels_N, class_names) -> None:
   if curves:
     plots.plot_roc(curves, os.path.join(workdir, 'roc.png'),
                    title=f"ROC one-vs-rest ({results['split']})", aucs=aucs)
-  plot_curves(workdir)
   shown = {k: round(v, 4) for k, v in results.items()
            if k in ('top1_accuracy', 'top5_accuracy', 'loss', 'micro_auc', 'macro_auc',
                     'mean_class_accuracy', 'num_examples')}
   logging.info('Evaluation on %s: %s', results['split'], json.dumps(shown))
-
-
-def plot_curves(workdir: str) -> None:
-  """curves.png: loss and accuracy over steps, train vs validation, from metrics.jsonl."""
-  from capjax import plots
-  history = run_files.curves(workdir, ('loss', 'accuracy'))
-  if history:
-    plots.plot_curves(history, os.path.join(workdir, 'curves.png'), title='classification')

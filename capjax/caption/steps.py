@@ -1,10 +1,11 @@
-"""Pure train and eval steps. Constants are bound with functools.partial."""
+"""Captioning's pure train and eval steps. Constants are bound with functools.partial."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from capjax.train import state as state_lib
 from capjax.train.state import TrainState
 
 
@@ -26,13 +27,6 @@ def doubly_stochastic_penalty(alphas_BxTxN, mask_BxT):
   return ((1.0 - total_BxN) ** 2).sum(-1).mean()
 
 
-def _variables(state: TrainState, params) -> dict:
-  """params plus BatchNorm statistics when the model has any (Keras backbones)."""
-  if state.batch_stats:
-    return {'params': params, 'batch_stats': state.batch_stats}
-  return {'params': params}
-
-
 def _caption_step(state: TrainState, batch: dict, rng: jax.Array, attention_reg: float,
                   from_features: bool):
   dropout_rng = jax.random.fold_in(rng, state.step)
@@ -45,7 +39,7 @@ def _caption_step(state: TrainState, batch: dict, rng: jax.Array, attention_reg:
   def loss_fn(params):
     inputs = batch['features'] if from_features else batch['image']
     logits, updates = state.apply_fn(
-        _variables(state, params), inputs, tokens, train=True, rngs={'dropout': dropout_rng},
+        state_lib.variables(state, params), inputs, tokens, train=True, rngs={'dropout': dropout_rng},
         mutable=mutable, method='decode' if from_features else None)
     ce, correct, count = masked_token_stats(logits, targets)
     count = jnp.maximum(count, 1.0)
@@ -87,7 +81,7 @@ def caption_eval_step(state: TrainState, batch: dict):
   """
   tokens_BxRxL = batch['tokens']
   b, r, l = tokens_BxRxL.shape
-  variables = _variables(state, state.params)
+  variables = state_lib.variables(state)
   if 'features' in batch:
     features = batch['features']
   else:

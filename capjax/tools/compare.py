@@ -1,6 +1,6 @@
 """Side-by-side comparison of finished runs: a Markdown table, a CSV and a bar chart.
 
-    python -m capjax.compare --out=runs/compare runs/resnet runs/xception
+    python -m capjax.tools.compare --out=runs/compare runs/resnet runs/xception
 
 Each workdir must hold `run.json` (written by training: task, model, num_params, train_time_s,
 dataset) and `eval.json` (flat metric keys, written by evaluation).
@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from capjax import plots
+from capjax.tools import plots
 from capjax.errors import UserError
 
 INFO_COLUMNS = ('workdir', 'task', 'dataset', 'model', 'num_params', 'train_time_s')
@@ -151,8 +151,8 @@ def compare_workdirs(workdirs: Sequence[str], out_prefix: str) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """CLI: `python -m capjax.compare --out=PREFIX DIR1 DIR2 ...`; argv excludes the program name."""
-  parser = argparse.ArgumentParser(prog='python -m capjax.compare', description=__doc__,
+  """CLI: `python -m capjax.tools.compare --out=PREFIX DIR1 DIR2 ...`; argv excludes the program name."""
+  parser = argparse.ArgumentParser(prog='python -m capjax.tools.compare', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--out', required=True, help='output prefix: writes PREFIX.{md,csv,png}')
   parser.add_argument('workdirs', nargs='+', help='workdirs holding run.json and eval.json')

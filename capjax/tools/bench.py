@@ -6,7 +6,6 @@ compiled step and the MFU against a peak measured here with a large f32 matmul.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import statistics
@@ -15,11 +14,10 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 
+from capjax import tasks
 from capjax.errors import UserError
-from capjax.flops import model_flops
+from capjax.tools.flops import model_flops
 from capjax.train import state as state_lib
 
 TASKS = ('classify', 'caption', 'encode', 'greedy')
@@ -63,91 +61,16 @@ def time_steps(fn, args, steps: int, warmup: int, donate_first: bool):
   return statistics.median(times), times
 
 
-def _classify(cfg):
-  from capjax.models import classifier
-  from capjax.train import classify_steps
-  b = cfg.batch_size or 128
-  model = classifier.SimpleCNN(num_classes=30, conv=_conv(cfg))
-  rng = np.random.default_rng(0)
-  batch = {'image': jnp.asarray(rng.normal(size=(b, 64, 64, 3)), jnp.float32),
-           'label': jnp.asarray(rng.integers(0, 30, b), jnp.int32)}
-  state = state_lib.create(model, optax.sgd(0.1, momentum=0.9), jax.random.key(0),
-                           batch['image'][:1])
-  step = jax.jit(classify_steps.classify_train_step, donate_argnums=0)
-  return step, (state, batch, jax.random.key(1)), True, b, {}
-
-
-def _caption_model(cfg, vocab=5000):
-  from capjax.models import decoder
-  from capjax.models.captioner import Captioner
-  # Features are precomputed (cached) 2048-d vectors: the encoder is the identity.
-  return Captioner(_Identity(), decoder.InjectDecoder(vocab, embed_dim=256, hidden=512,
-                                                      dtype=jnp.dtype(cfg.dtype)))
-
-
-def _caption(cfg):
-  from capjax.train import steps
-  b, t, v = cfg.batch_size or 64, 20, 5000
-  model = _caption_model(cfg, v)
-  rng = np.random.default_rng(0)
-  batch = {'image': jnp.asarray(rng.normal(size=(b, 2048)), jnp.float32),
-           'tokens': jnp.asarray(rng.integers(1, v, (b, t + 1)), jnp.int32)}
-  state = state_lib.create(model, optax.adam(1e-3), jax.random.key(0), batch['image'][:1],
-                           batch['tokens'][:1])
-  step = jax.jit(steps.caption_train_step, donate_argnums=0)
-  return step, (state, batch, jax.random.key(1)), True, b, {'tokens_per_example': t}
-
-
-def _encode(cfg):
-  from capjax.models import resnet
-  b = cfg.batch_size or 32
-  model = resnet.ResNet50(pooled=True, conv=_conv(cfg), dtype=jnp.dtype(cfg.dtype))
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(b, 224, 224, 3)), jnp.float32)
-  variables = jax.jit(model.init)(jax.random.key(0), x[:1])
-  fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  return fwd, (variables, x), False, b, {}
-
-
-def _greedy(cfg):
-  from capjax import decoding
-  b, v = cfg.batch_size or 256, 5000
-  model = _caption_model(cfg, v)
-  features = jnp.asarray(np.random.default_rng(0).normal(size=(b, 2048)), jnp.float32)
-  variables = jax.jit(model.init)(jax.random.key(0), features[:1],
-                                  jnp.zeros((1, 21), jnp.int32))
-  run = jax.jit(lambda v, f: decoding.greedy(model.apply, v, f, max_len=20, end_id=-1))
-  return run, (variables, features), False, b, {}
-
-
-class _Identity:
-  """An 'encoder' for precomputed features (keeps Captioner's interface)."""
-
-  def __new__(cls):
-    import flax.linen as nn
-
-    class Identity(nn.Module):
-      @nn.compact
-      def __call__(self, x, train: bool = False):
-        del train
-        return x
-
-    return Identity()
-
-
-def _conv(cfg):
-  if cfg.conv == 'flax':
-    import flax.linen as nn
-    return nn.Conv
-  from capjax.models import layers
-  return layers.Conv
+def peer_builders() -> dict:
+  """Peer-benchmark name -> builder, from every task's BENCH table."""
+  return {name: build for task in tasks.NAMES for name, build in tasks.get(task).BENCH.items()}
 
 
 def run_task(task: str, cfg, peak: float) -> dict:
   """Benchmarks one task; returns the JSON-able result row."""
-  builders = {'classify': _classify, 'caption': _caption, 'encode': _encode,
-              'greedy': _greedy}
+  builders = peer_builders()
   if task not in builders:
-    raise UserError(f'config.bench.task={task!r} is unknown; use one of {TASKS}.')
+    raise UserError(f'--config.bench.task={task!r} is unknown; use one of {TASKS}.')
   fn, args, donate, batch_size, extra = builders[task](cfg)
   row = timed_row(task, fn, args, batch_size, cfg, peak, donate)
   if 'tokens_per_example' in extra:
@@ -186,16 +109,13 @@ def config_rows(config, cfg, peak: float) -> list[dict]:
   the grain pipeline alone, then the jitted train step on one of its batches.
   """
   import tempfile  # pylint: disable=import-outside-toplevel
-  from capjax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from capjax.data import loading  # pylint: disable=import-outside-toplevel
   from capjax.train import sharding  # pylint: disable=import-outside-toplevel
   from capjax.train.optim import make_optimizer  # pylint: disable=import-outside-toplevel
-  if config.task == 'caption':
-    from capjax import caption_task as task  # pylint: disable=import-outside-toplevel
-  else:
-    from capjax import classify_task as task  # pylint: disable=import-outside-toplevel
+  task = tasks.get(config.task)
   with tempfile.TemporaryDirectory() as workdir:
-    job, _ = task.training_job(config, workdir)
-    iterator = pipeline.iterate(job.train_data, num_threads=config.data.num_threads)
+    job, _ = task.training_job(config, workdir, task.load_splits(config))
+    iterator = loading.iterate(job.train_data, num_threads=config.data.num_threads)
     batches_per_s = time_pipeline(iterator, cfg.pipeline_batches)
     batch = sharding.put_batch(next(iterator), sharding.make_mesh())
     state = state_lib.create(job.model, make_optimizer(config.optim, job.total_steps),
@@ -223,8 +143,8 @@ def main(config) -> list[dict]:
   if config.task != 'bench':
     rows = config_rows(config, cfg, peak)
   else:
-    tasks = TASKS if cfg.task == 'all' else tuple(cfg.task.split('+'))
-    rows = [run_task(task, cfg, peak) for task in tasks]
+    names = TASKS if cfg.task == 'all' else tuple(cfg.task.split('+'))
+    rows = [run_task(name, cfg, peak) for name in names]
   for row in rows:
     print(json.dumps(row), flush=True)
   return rows

@@ -1,0 +1,82 @@
+"""The captioning config's rules (configs/caption.py is its schema): checked before any data
+is read, so the layers below trust the values they are given."""
+from __future__ import annotations
+
+import os
+
+from capjax import configlib
+from capjax.configlib import Rule, at_least, choices, non_negative, one_of
+from capjax.data import caption_tfds
+from capjax.errors import UserError
+from capjax.models import encoders
+
+DATASETS = ('shapes',) + tuple(caption_tfds.DATASETS)
+DECODERS = ('inject', 'merge', 'attention')
+DECODINGS = ('greedy', 'beam')
+# The from-scratch encoders fold config.model.patch-sized pixel tiles (models/cnn.py).
+PATCH_ENCODERS = encoders.SMALL_CNNS
+
+RULES = [
+    Rule('dataset', one_of(*DATASETS), choices(*DATASETS)),
+    Rule('eval.decoding', one_of(*DECODINGS), choices(*DECODINGS)),
+    Rule('eval.beam_size', at_least(1), 'a whole number >= 1'),
+    Rule('eval.length_alpha', non_negative, 'a number >= 0'),
+    Rule('eval.num_samples', at_least(0), 'a whole number >= 0'),
+    Rule('data.caption_length', at_least(3), 'a whole number >= 3 (<start>, a word, <end>)'),
+    Rule('shapes.image_size', at_least(1), 'a whole number > 0'),
+    Rule('shapes.num_train', at_least(1), 'a whole number > 0'),
+    Rule('shapes.num_validation', at_least(1), 'a whole number > 0'),
+    Rule('shapes.num_test', at_least(1), 'a whole number > 0'),
+    Rule('vocab.min_freq', at_least(1), 'a whole number >= 1'),
+    Rule('vocab.max_size', at_least(5), 'a whole number > 4 (4 special tokens)'),
+    Rule('model.encoder', one_of(*encoders.NAMES), choices(*encoders.NAMES)),
+    Rule('model.decoder', one_of(*DECODERS), choices(*DECODERS)),
+    Rule('model.embed_dim', at_least(1), 'a whole number > 0'),
+    Rule('model.hidden', at_least(1), 'a whole number > 0'),
+    Rule('model.attn_dim', at_least(1), 'a whole number > 0'),
+    Rule('model.attention_reg', non_negative, 'a number >= 0'),
+    Rule('model.score', one_of('additive', 'dot'), choices('additive', 'dot')),
+    Rule('model.query', one_of('previous', 'current'), choices('previous', 'current')),
+    Rule('model.merge', one_of('add', 'concat'), choices('add', 'concat')),
+    Rule('model.conv', one_of('flax', 'layers'), choices('flax', 'layers')),
+    Rule('model.patch', at_least(1), 'a whole number > 0'),
+    Rule('optim.encoder_lr_scale', non_negative, 'a number >= 0 (0 freezes the encoder)'),
+]
+_SMALL_CNN_RULES = [
+    Rule('model.widths', configlib.positive_ints,
+         'a non-empty list of whole numbers > 0, e.g. (64, 64, 128)'),
+    Rule('model.strides', configlib.positive_ints,
+         'a non-empty list of whole numbers > 0, e.g. (1, 1, 2)'),
+]
+
+
+def image_size_field(config) -> str:
+  """The field that sets the side images are fed at."""
+  return 'shapes.image_size' if config.dataset == 'shapes' else 'data.image_size'
+
+
+def validate(config) -> None:
+  """Raises UserError naming the first field of a caption config that cannot work."""
+  configlib.check_common(config)
+  configlib.check(config, RULES)
+  m = config.model
+  if m.encoder in PATCH_ENCODERS:
+    if m.encoder != 'tiny_cnn':  # tiny_cnn fixes its own widths and strides.
+      configlib.check(config, _SMALL_CNN_RULES)
+      if len(m.widths) != len(m.strides):
+        raise UserError(f'--config.model.widths has {len(m.widths)} entries and '
+                        f'--config.model.strides {len(m.strides)}; give one stride per width.')
+    field = image_size_field(config)
+    size, patch = configlib.get(config, field), int(m.get('patch', 4))
+    if configlib.whole(size) and size % patch:
+      raise UserError(f'--config.{field}={size} must be a multiple of {patch} for '
+                      f'--config.model.encoder={m.encoder} (it folds {patch}x{patch} pixel '
+                      f'tiles, --config.model.patch); use e.g. {size - size % patch or patch}.')
+  weights = m.get('encoder_weights')
+  if weights and m.encoder not in encoders.KERAS_BACKBONES:
+    raise UserError(f'--config.model.encoder_weights is set, but --config.model.encoder='
+                    f'{m.encoder} has no Keras weights; use resnet50 or xception, or unset '
+                    f'the weights.')
+  if weights and not os.path.isfile(os.path.expanduser(weights)):
+    raise UserError(f'--config.model.encoder_weights={weights} does not exist; give the path '
+                    f'of a Keras notop .h5 file (none can be downloaded here).')

@@ -1,0 +1,137 @@
+"""Classification end to end: data -> statistics -> model -> train -> evaluate -> predict.
+
+This module is the task's side of `capjax.tasks.Task`; the runtime (run.py, tools/bench.py)
+reaches classification only through it. The workdir gets config.json, classify_meta.json
+(capjax.classify.data), checkpoints/, metrics.jsonl, run.json, eval.json and the figures
+written by capjax.classify.evaluate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from capjax.classify import bench, data, pipeline, steps
+from capjax.classify import evaluate as evaluation
+from capjax.classify import predict as prediction
+from capjax.classify import config as task_config
+from capjax.classify.config import OVERRIDES
+from capjax.errors import UserError
+from capjax.models import classifier, layers
+from capjax.tasks import Splits
+from capjax.train import checkpoint, loop, sharding
+from capjax.train.optim import make_optimizer
+
+NAME = 'classify'
+CURVES = ('loss', 'accuracy')
+BENCH = bench.BUILDERS
+validate = task_config.validate
+load_splits = data.load_splits
+
+
+@dataclasses.dataclass
+class Trained:
+  """A classifier and what running it needs: the workdir's classify_meta.json (class
+  names, normalisation statistics, image size)."""
+  model: nn.Module
+  meta: dict
+  state: Any = None
+
+
+def build_model(config, num_classes: int) -> nn.Module:
+  """The classifier that config.model describes (a preset plus the fields that are set)."""
+  m = config.model
+  kwargs = {}
+  for key in OVERRIDES:
+    value = m.get(key)
+    if value:
+      kwargs[key] = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(
+          value)
+  return classifier.PRESETS[m.name](num_classes=num_classes, dropout=float(m.dropout),
+                                    dtype=jnp.dtype(m.dtype),
+                                    conv=layers.conv_by_name(m.get('conv', 'flax')), **kwargs)
+
+
+def sample_inputs(config):
+  """A dummy image batch that fixes the model's parameter shapes at init."""
+  size = config.data.image_size
+  return (jnp.zeros((1, size, size, 3), jnp.float32),)
+
+
+def model_label(model_config) -> str:
+  """How run.json (and the comparison table) names the model, e.g. 'cnn[widths=16-32]'."""
+  set_fields = [f"{k}={'-'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                for k in OVERRIDES if (v := model_config.get(k))]
+  return model_config.name + (f"[{','.join(set_fields)}]" if set_fields else '')
+
+
+def training_job(config, workdir: str, splits: Splits) -> tuple[loop.Job, Trained]:
+  """The loop's Job for `config`, and the Trained (without its state) that evaluation needs.
+  Writes the normalisation statistics into `workdir`."""
+  sources = splits.sources
+  meta = data.normalisation(config, workdir, sources['train'], splits.labels)
+  mean, std = data.mean_std(meta)
+  logging.info('%d classes; train/validation/test = %d/%d/%d images.', len(splits.labels),
+               len(sources['train']), len(sources['validation']), len(sources['test']))
+  model = build_model(config, len(splits.labels))
+  size = config.data.image_size
+  total_steps = loop.total_steps(config, len(sources['train']))
+  size_at_step = pipeline.size_schedule(config.data.get('progressive_sizes', ()), size,
+                                        total_steps)
+  train_data = pipeline.train_dataset(
+      sources['train'], batch_size=config.train.batch_size, seed=config.seed, image_size=size,
+      mean=mean, std=std, aug=config.augment, size_at_step=size_at_step)
+  validate_fn = None
+  if len(sources['validation']):
+    val_data = pipeline.eval_dataset(sources['validation'], batch_size=config.eval.batch_size,
+                                     image_size=size, mean=mean, std=std)
+    mesh = sharding.make_mesh()
+    flip = bool(config.eval.get('flip_average'))
+    validate_fn = lambda st: evaluation.validation_metrics(st, val_data, mesh, flip)
+  step = functools.partial(steps.classify_train_step,
+                           label_smoothing=float(config.train.label_smoothing))
+  job = loop.Job(model=model, sample_inputs=sample_inputs(config), train_data=train_data,
+                 train_step=step, validate=validate_fn, total_steps=total_steps)
+  return job, Trained(model, meta)
+
+
+def run_info(config) -> dict:
+  return dict(model=model_label(config.model), image_size=config.data.image_size)
+
+
+def restore_trained(config, workdir: str, total_steps: int = 1) -> Trained:
+  """The classifier of the newest readable checkpoint in `workdir`, with its
+  classify_meta.json. The optimizer's state has the same shapes whatever the run length, so
+  `total_steps` only matters to callers that go on training."""
+  meta = data.read_meta(workdir)
+  model = build_model(config, len(meta['class_names']))
+  state = checkpoint.restore_for_inference(
+      workdir, model, make_optimizer(config.optim, total_steps), jax.random.key(config.seed),
+      *sample_inputs(config))
+  return Trained(model, meta, state)
+
+
+def evaluate(config, workdir: str, trained: Trained, splits: Splits) -> dict:
+  """Scores config.eval.split: eval.json, the confusion matrix and ROC figures."""
+  if list(trained.meta['class_names']) != list(splits.labels):
+    raise UserError(f'The classes of --config.dataset={config.dataset} differ from those '
+                    f'{workdir} was trained on ({data.META_FILE} there); use the same data set '
+                    f'and class list.')
+  split = config.eval.split
+  mean, std = data.mean_std(trained.meta)
+  return evaluation.evaluate(trained.state, splits.sources[split], list(splits.labels),
+                             config=config, workdir=workdir, split=split, mean=mean, std=std)
+
+
+def predict(config, workdir: str, paths) -> list[dict]:
+  """[{'path', 'top': [(class name, probability)] best first} or {'path', 'error'}]."""
+  return prediction.classify_images(config, restore_trained(config, workdir), paths)
+
+
+def describe(result: dict) -> str:
+  return ', '.join(f'{name} {p:.3f}' for name, p in result['top'])
