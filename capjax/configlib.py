@@ -80,34 +80,38 @@ def non_negative(v) -> bool:
   return number(v) and v >= 0
 
 
+def rules(ok: Callable[[object], bool], requirement: str, *fields: str) -> list[Rule]:
+  """One Rule per field, all with the same test."""
+  return [Rule(field, ok, requirement) for field in fields]
+
+
+def choice_rule(field: str, *names: str) -> Rule:
+  """The field must be one of `names`."""
+  return Rule(field, one_of(*names), choices(*names))
+
+
+WHOLE_POSITIVE = 'a whole number > 0'
+UNIT_FRACTION = 'in [0, 1)'
+
 # The rules of the fields every task's config has (train loop, optimizer, evaluation).
 COMMON = [
     Rule('seed', whole, 'a whole number'),
     Rule('train.steps', at_least(0), 'a whole number > 0 (or set train.epochs)'),
     Rule('train.epochs', non_negative, 'a number >= 0 (0: use train.steps)'),
-    Rule('train.batch_size', at_least(1), 'a whole number > 0'),
-    Rule('train.log_every', at_least(1), 'a whole number > 0'),
+    *rules(at_least(1), WHOLE_POSITIVE, 'train.batch_size', 'train.log_every',
+           'train.checkpoint_every', 'eval.batch_size', 'data.image_size'),
     Rule('train.eval_every', at_least(0), 'a whole number >= 0 (0: never)'),
-    Rule('train.checkpoint_every', at_least(1), 'a whole number > 0'),
     Rule('train.keep_checkpoints', at_least(1), 'a whole number >= 1'),
-    Rule('train.nan_policy', one_of('stop', 'skip'), choices('stop', 'skip')),
-    Rule('optim.name', one_of('adamw', 'sgd'), choices('adamw', 'sgd')),
+    choice_rule('train.nan_policy', 'stop', 'skip'),
+    choice_rule('optim.name', 'adamw', 'sgd'),
     Rule('optim.learning_rate', lambda v: number(v) and v > 0, 'a number > 0'),
-    Rule('optim.warmup_steps', at_least(0), 'a whole number >= 0'),
+    *rules(at_least(0), 'a whole number >= 0', 'optim.warmup_steps', 'data.num_threads'),
     Rule('optim.final_lr_fraction', lambda v: number(v) and 0 <= v <= 1, 'in [0, 1]'),
     Rule('optim.weight_decay', non_negative, 'a number >= 0'),
-    Rule('optim.b1', fraction, 'in [0, 1)'),
-    Rule('optim.b2', fraction, 'in [0, 1)'),
-    Rule('optim.momentum', fraction, 'in [0, 1)'),
+    *rules(fraction, UNIT_FRACTION, 'optim.b1', 'optim.b2', 'optim.momentum', 'model.dropout'),
     Rule('optim.grad_clip_norm', non_negative, 'a number >= 0 (0: no clipping)'),
-    Rule('eval.batch_size', at_least(1), 'a whole number > 0'),
-    Rule('eval.split', one_of('train', 'validation', 'test'),
-         choices('train', 'validation', 'test')),
-    Rule('data.num_threads', at_least(0), 'a whole number >= 0'),
-    Rule('data.image_size', at_least(1), 'a whole number > 0'),
-    Rule('model.dtype', one_of('float32', 'bfloat16', 'float16'),
-         choices('float32', 'bfloat16', 'float16')),
-    Rule('model.dropout', fraction, 'in [0, 1)'),
+    choice_rule('eval.split', 'train', 'validation', 'test'),
+    choice_rule('model.dtype', 'float32', 'bfloat16', 'float16'),
 ]
 
 _MISSING = object()

@@ -32,6 +32,14 @@ class Splits:
   labels: tuple[str, ...] = ()
 
 
+@dataclasses.dataclass
+class Trained:
+  """A task's model and its train state (None until training has run); each task adds what
+  running the model needs (a vocabulary, class names and statistics...)."""
+  model: Any
+  state: Any = None
+
+
 class Task(Protocol):
   """What a task module provides (a module satisfies this structurally)."""
 
@@ -45,18 +53,18 @@ class Task(Protocol):
   def load_splits(self, config, splits: Sequence[str] | None = None) -> Splits:
     """The prepared data of config.dataset (generated or converted the first time)."""
 
-  def training_job(self, config, workdir: str, splits: Splits) -> tuple[Any, Any]:
+  def training_job(self, config, workdir: str, splits: Splits) -> tuple[Any, Trained]:
     """(the loop's Job, the task's Trained without a state): what training runs and what
     evaluating its result needs besides the trained state."""
 
   def run_info(self, config) -> dict:
     """This task's entries of run.json (model label, image size...)."""
 
-  def restore_trained(self, config, workdir: str) -> Any:
+  def restore_trained(self, config, workdir: str) -> Trained:
     """The task's Trained (model, state and what inference needs) of the newest readable
     checkpoint in `workdir`."""
 
-  def evaluate(self, config, workdir: str, trained, splits: Splits) -> dict:
+  def evaluate(self, config, workdir: str, trained: Trained, splits: Splits) -> dict:
     """Scores config.eval.split, writes eval.json and the figures; returns eval.json."""
 
   def predict(self, config, workdir: str, paths: Sequence[str]) -> list[dict]:

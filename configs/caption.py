@@ -19,13 +19,10 @@ end to end at that fraction of the learning rate.
 import ml_collections
 
 from capjax.configlib import parse_arg
-
-REAL_DATASETS = ('flickr8k', 'coco', 'own')
-# Encoders with Keras weights, frozen on photos: their pooled features are cached once.
-KERAS_ENCODERS = ('resnet50', 'xception', 'resnet_tiny')
-# Input size each encoder is fed at on the real data sets (the Keras backbones' own defaults).
-_IMAGE_SIZE = {'cnn': 128, 'shapes_cnn': 128, 'tiny_cnn': 32, 'resnet50': 224,
-               'xception': 299, 'resnet_tiny': 32}
+from capjax.data.caption_tfds import DATASETS as REAL_DATASETS
+# KERAS_BACKBONES: encoders with Keras weights, frozen on photos (their features are cached
+# once). INPUT_SIZE: the side each encoder is fed at on the real data sets.
+from capjax.models.encoders import INPUT_SIZE, KERAS_BACKBONES
 
 
 def get_config(arg=None):
@@ -38,7 +35,7 @@ def get_config(arg=None):
   arg.encoder = arg.encoder or ('cnn' if real else 'shapes_cnn')
   # Photos through a frozen Keras backbone: merge on pooled features (a compact cache); trained
   # from scratch: attention, the best measured on Flickr8k (docs/captioning.md).
-  frozen = arg.encoder in KERAS_ENCODERS
+  frozen = arg.encoder in KERAS_BACKBONES
   arg.decoder = arg.decoder or ('merge' if real and frozen else 'attention')
   c = ml_collections.ConfigDict()
   c.task = 'caption'
@@ -68,7 +65,7 @@ def get_config(arg=None):
   # flip: mirror training images left-right half of the time (not cached features).
   c.data = ml_collections.ConfigDict(dict(
       caption_length=22, num_threads=2,
-      image_size=_IMAGE_SIZE.get(arg.encoder, 128) if real else c.shapes.get_ref('image_size'),
+      image_size=INPUT_SIZE.get(arg.encoder, 128) if real else c.shapes.get_ref('image_size'),
       skip_missing_images=False, in_memory=True, flip=False, feature_batch_size=32))
   c.vocab = ml_collections.ConfigDict(dict(min_freq=1, max_size=10000))
 
@@ -116,49 +113,39 @@ def get_config(arg=None):
 def _shapes_defaults(c) -> None:
   """The embedded default, sized to train and evaluate in < 10 minutes on a 2-core CPU.
 
-  Measured on shapes (docs/captioning.md): LayerNorm in the encoder and a flattened
-  inject feature both keep the model from telling shapes apart (a translation-specific
-  Dense must relearn every shape at every position); attention over the grid shares one
-  detector across positions. Dot-product scores cost a third of additive ones on a CPU,
-  and batch 32 at twice the steps beat batch 64 in equal time.
+  Each choice below was measured (docs/captioning.md, 'The shapes default').
   """
+  # No LayerNorm in the encoder (it kept the model from telling shapes apart); dot-product
+  # attention scores, cheaper than additive ones on a CPU.
   c.model.update(norm=False, score='dot')
-  # Two-object scenes were the weak spot (58% exact on validation): the first object named took
-  # the other one's colour or shape. Either object may come first, so the attention that picks
-  # its words blended both. Attending with the state that has read the last word (the default
-  # query 'current': after "a small green" it can look for the green object) fixes most of that;
-  # coverage (scores see each cell's attention so far) and no doubly stochastic penalty (it
-  # pulls attention onto the background) help too. Validation, 500 images, beam 3, 2,200 steps,
-  # one run each: exact 83.0% -> 86.2% (coverage) -> 88.2% (coverage, attention_reg 0) -> 91.4%
-  # (and query 'current'); 2 objects 99 -> 116 -> 122 -> 140 of 175.
+  # Coverage and no doubly stochastic penalty (which pulls attention onto the background) stop
+  # the first object named in two-object scenes taking the other one's colour or shape.
   c.model.update(coverage=True, attention_reg=0.0)
   # <start> + the grammar's longest caption (17 words, capjax.data.shapes.max_caption_words)
-  # + <end>: no scan step is spent on padding every caption has (at 22 the decoder's
-  # forward + backward took 115 ms, at 19 95 ms, batch 32).
+  # + <end>: no scan step is spent on padding every caption has.
   c.data.caption_length = 19
-  # 1,800 steps keep the whole command (data generation and evaluation included) under 10
-  # minutes on a 2-core CPU: 2,200 steps took 10:40 (584 s of training).
+  # Batch 32 at twice the steps beat batch 64 in equal time; 1,800 steps keep the whole command
+  # under 10 minutes.
   c.train.update(steps=1800, batch_size=32, eval_every=600, checkpoint_every=600)
   c.optim.learning_rate = 4e-3
-  # Beam 3 fixes most greedy slips in 3-object scenes (76% -> 86.5% exact in one measured run).
+  # Beam 3 fixes most greedy slips in 3-object scenes.
   c.eval.update(decoding='beam', beam_size=3)
 
 
 def _real_data_set(c, arg) -> None:
   """Flickr8k/COCO/own: natural photos, so a bigger vocabulary floor and regularisation."""
   c.vocab.min_freq = 5  # Words seen < 5 times in 30k captions are mostly typos and names.
-  # Beam 5 without a length bonus: on Flickr8k dev it beat greedy, beam 3 (alpha 0.6: long,
-  # repetitive captions) and beams of 10-20 (short generic ones) by 0.02-0.03 BLEU-4.
+  # Beam 5 without a length bonus scored best on Flickr8k dev (docs/captioning.md, 'Evaluate,
+  # predict, compare').
   c.eval.update(split='validation', batch_size=200, decoding='beam', beam_size=5,
                 length_alpha=0.0)
-  if arg.encoder in KERAS_ENCODERS:
+  if arg.encoder in KERAS_BACKBONES:
     c.optim.encoder_lr_scale = 0.0  # Frozen: features are cached once per split.
     c.model.pool = 'mean'  # 2048-d grids are averaged, not flattened.
   else:
     # From scratch, end to end: a 4x4 patchify stem then strided 3x3 convs, 128 px -> 8x8.
     c.model.update(widths=(64, 96, 128, 192, 256), strides=(1, 2, 2, 1, 1), pool='mean')
     c.data.flip = True
-    # Flickr8k, attention: 3,600 steps of 64 (~8 epochs) trained in 69 minutes on a 2-core CPU
-    # and scored BLEU-4 0.124 on dev; 2,400 steps (query 'previous') scored 0.106.
+    # ~8 epochs of Flickr8k: the best measured (docs/captioning.md, 'Measured on this machine').
     c.train.update(steps=3600, eval_every=1200, checkpoint_every=1200)
   c.model.update(dropout=0.3, every_step=False, feature_norm=True)

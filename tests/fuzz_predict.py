@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reliability_helpers as rh  # noqa: E402
 from capjax import run  # noqa: E402
-from capjax.data.errors import DataError  # noqa: E402
 from capjax.data.images import load_image  # noqa: E402
+from capjax.data.reading import DataError  # noqa: E402
 
 
 def base_images(rng: np.random.Generator) -> dict[str, bytes]:
@@ -162,7 +162,7 @@ def main() -> int:
     try:
       with contextlib.redirect_stdout(io.StringIO()):
         results = run.predict(workdir, chunk)
-    except predict.UserError as e:  # Every file of the chunk unreadable: one error line.
+    except run.UserError as e:  # Every file of the chunk unreadable: one error line.
       outcome['chunk with no readable file (UserError)'] += 1
       assert '\n' not in str(e)
       continue

@@ -8,7 +8,7 @@ import fixture_layouts as fx
 from capjax.data import caption_tfds, features
 from capjax.caption import pipeline
 from capjax.data import loading
-from capjax.data.errors import DataError
+from capjax.data.reading import DataError
 
 NAMES = fx.flickr_names(6)
 TRAIN, DEV, TEST = NAMES[:3], NAMES[3:5], NAMES[5:]
@@ -59,14 +59,14 @@ def test_own_images_with_a_captions_csv_prepare_with_the_captions_file_relative_
   args = dict(captions_file='captions.csv', fractions=(0.8, 0.1, 0.1), seed=0)
   train = _load(tmp_path, 'own', tmp_path / 'own', 'train', **args)
   assert len(train) == 8 and len(_texts(train[0])) == 2
-  with pytest.raises(DataError, match='captions_file'):
+  with pytest.raises(DataError, match=r'--config\.own\.captions_file=PATH'):
     _load(tmp_path, 'own', tmp_path / 'own', 'train')
 
 
 def test_a_split_with_missing_images_fails_in_one_sentence_unless_skipping(tmp_path):
   fx.make_flickr8k_official(tmp_path / 'f8k', TRAIN, DEV, TEST, absent=[TEST[0], TRAIN[1]])
   with pytest.raises(DataError, match=r"split 'test'.*1 of 1 images are missing.*"
-                                      r"skip_missing_images=True"):
+                                      r"--config\.data\.skip_missing_images=True"):
     _load(tmp_path, 'flickr8k', tmp_path / 'f8k', 'test')
   with pytest.raises(DataError, match='1 of 3 images are missing'):
     _load(tmp_path, 'flickr8k', tmp_path / 'f8k', 'train')
@@ -147,7 +147,7 @@ def test_weights_id_follows_the_file_contents_and_the_seed(tmp_path):
   weights.write_bytes(b'two')
   assert features.weights_id(str(weights), 0) != a
   assert features.weights_id(None, 0) != features.weights_id(None, 1)
-  with pytest.raises(DataError, match='encoder_weights'):
+  with pytest.raises(DataError, match=r'--config\.model\.encoder_weights'):
     features.weights_id(str(tmp_path / 'absent.h5'), 0)
 
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 import fixture_layouts as fx
 from capjax.data import classify_tfds, classify_world
-from capjax.data.errors import DataError
+from capjax.data.reading import DataError
 
 WNIDS = ['n02000003', 'n01000001']
 
@@ -98,9 +98,9 @@ def test_image_folder_builder_reads_flat_layout_into_three_splits(tmp_path):
 
 
 def test_folder_builder_problems_are_data_errors_naming_the_config_field(tmp_path):
-  with pytest.raises(DataError, match='data_dir'):
+  with pytest.raises(DataError, match=r'--config\.data_dir=PATH'):
     classify_tfds.prepare_folder(str(tmp_path), 'tiny_imagenet', None, 64)
-  with pytest.raises(DataError, match='does not exist'):
+  with pytest.raises(DataError, match=r'--config\.data_dir=.*nope does not exist'):
     classify_tfds.prepare_folder(str(tmp_path), 'image_folder', str(tmp_path / 'nope'), 64)
   root = tmp_path / 'folder'
   fx.make_image_folder(root, {'cat': 4})

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from capjax.data.errors import DataError
 from capjax.data.images import load_image, resize_image
+from capjax.data.reading import DataError
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (12, 16, 3), dtype=np.uint8)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from capjax.data.errors import DataError
+from capjax.data.reading import DataError
 from capjax.models import keras_weights, resnet, xception
 
 TINY = resnet.ResNetTiny()

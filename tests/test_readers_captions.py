@@ -6,9 +6,9 @@ import pytest
 
 import fixture_layouts as fx
 from capjax.data.coco import read_coco
-from capjax.data.errors import DataError
 from capjax.data.flickr8k import detect_layout, kaggle_split_names, read_flickr8k
-from capjax.data.own_captions import read_own_captions, split_by_fraction
+from capjax.data.own_captions import read_own_captions
+from capjax.data.reading import DataError, canonical_split, split_by_fraction
 
 NAMES = fx.flickr_names(7)
 TRAIN, DEV, TEST = NAMES[:4], NAMES[4:6], NAMES[6:]
@@ -33,7 +33,8 @@ def test_flickr8k_official_split_has_listed_images_with_their_five_captions(tmp_
 def test_flickr8k_validation_is_an_alias_of_dev(tmp_path):
   fx.make_flickr8k_official(tmp_path, TRAIN, DEV, TEST)
   assert read_flickr8k(tmp_path, 'validation').records == read_flickr8k(tmp_path, 'dev').records
-  with pytest.raises(DataError, match="split 'holdout'"):
+  with pytest.raises(DataError, match=r"Flickr8k split 'holdout'; use one of train, "
+                                      r"dev \(validation\), test\."):
     read_flickr8k(tmp_path, 'holdout')
 
 
@@ -56,7 +57,8 @@ def test_flickr8k_missing_images_raise_naming_count_split_example_and_skip_flag(
   with pytest.raises(DataError) as info:
     read_flickr8k(tmp_path, 'test')
   message = str(info.value)
-  for part in ("'test'", '1 of 1 images are missing', TEST[0], 'skip_missing_images=True'):
+  for part in ("'test'", '1 of 1 images are missing', TEST[0],
+               '--config.data.skip_missing_images=True'):
     assert part in message
   with pytest.raises(DataError, match='1 of 4'):
     read_flickr8k(tmp_path, 'train')
@@ -111,7 +113,7 @@ def test_coco_official_groups_captions_by_image_and_cleans_whitespace(tmp_path):
 
 def test_coco_test_split_without_karpathy_file_explains_what_to_do(tmp_path):
   fx.make_coco(tmp_path)
-  with pytest.raises(DataError, match='karpathy_file'):
+  with pytest.raises(DataError, match=r'--config\.coco\.karpathy_file=PATH'):
     read_coco(tmp_path, 'test')
 
 
@@ -199,7 +201,7 @@ def test_own_jsonl_reads_rows_and_counts_bad_lines(tmp_path):
 def test_own_captions_missing_image_names_the_file_and_skip_flag(tmp_path):
   _own_images(tmp_path, 2)
   path = fx.write_text(tmp_path / 'caps.csv', 'image,caption\nphoto_0.jpg,a\nghost.jpg,b\n')
-  with pytest.raises(DataError, match=r'ghost\.jpg.*skip_missing_images=True'):
+  with pytest.raises(DataError, match=r'ghost\.jpg.*--config\.data\.skip_missing_images=True'):
     read_own_captions(tmp_path / 'imgs', path, 'train', fractions=(1, 0, 0))
   records, report = read_own_captions(tmp_path / 'imgs', path, 'train', fractions=(1, 0, 0),
                                       skip_missing=True)
@@ -219,14 +221,31 @@ def test_own_captions_unusable_files_are_refused_with_a_reason(tmp_path, name, c
     read_own_captions(tmp_path / 'imgs', path, 'train')
 
 
+def test_own_captions_bad_split_fractions_name_the_flag(tmp_path):
+  _own_images(tmp_path, 2)
+  path = fx.write_text(tmp_path / 'caps.csv', 'image,caption\nphoto_0.jpg,a\nphoto_1.jpg,b\n')
+  for fractions in ((1, 0), (0, 0, 0)):
+    with pytest.raises(DataError, match=r'--config\.own\.split_fractions\.'):
+      read_own_captions(tmp_path / 'imgs', path, 'train', fractions=fractions)
+
+
 def test_split_by_fraction_sizes_add_up_and_do_not_follow_name_order():
   names = [f'img_{i:03d}' for i in range(100)]
-  groups = split_by_fraction(names, (0.7, 0.2, 0.1))
+  groups = split_by_fraction(names, (0.7, 0.2, 0.1), flag='--f')
   assert [len(g) for g in groups] == [70, 20, 10]
   assert groups[2] != names[-10:]
-  assert split_by_fraction(names, (0.7, 0.2, 0.1), seed=1) != groups
-  with pytest.raises(DataError, match='split_fractions'):
-    split_by_fraction(names, (0, 0))
+  assert split_by_fraction(names, (0.7, 0.2, 0.1), seed=1, flag='--f') != groups
+  with pytest.raises(DataError, match='sum to more than 0; fix --f'):
+    split_by_fraction(names, (0, 0), flag='--f')
+
+
+def test_canonical_split_takes_aliases_and_a_reader_s_own_names():
+  assert [canonical_split(s) for s in ('train', 'val', 'dev', 'validation', 'test')] == [
+      'train', 'validation', 'validation', 'validation', 'test']
+  assert canonical_split('val', 'Flickr8k', {'validation': 'dev', 'val': 'dev'}) == 'dev'
+  with pytest.raises(DataError, match=r"^Unknown split 'eval'; use one of train, validation, "
+                                      r"test\.$"):
+    canonical_split('eval')
 
 
 # --- real data (when present) -----------------------------------------------------------------

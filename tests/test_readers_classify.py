@@ -5,8 +5,8 @@ import os
 import pytest
 
 import fixture_layouts as fx
-from capjax.data.errors import DataError
 from capjax.data.images import load_image
+from capjax.data.reading import DataError
 from capjax.data.tiny_imagenet import read_image_folder, read_tiny_imagenet
 
 WNIDS = ['n02000003', 'n01000001', 'n03000002']  # Not sorted: labels follow the list order.
@@ -48,14 +48,16 @@ def test_tiny_imagenet_any_wnid_list_sets_classes_and_label_order(tmp_path):
 
 def test_tiny_imagenet_problems_are_data_errors_naming_what_to_fix(tmp_path):
   fx.make_tiny_imagenet(tmp_path, WNIDS)
-  with pytest.raises(DataError, match='n04444444 has 0 images'):
+  with pytest.raises(DataError, match=r'n04444444 has 0 images.*--config\.tiny_imagenet\.'
+                                      r'val_per_class=50'):
     read_tiny_imagenet(tmp_path, 'train', wnids=['n04444444'])
   with pytest.raises(DataError, match='repeats'):
     read_tiny_imagenet(tmp_path, 'train', wnids=[WNIDS[0], WNIDS[0]])
   with pytest.raises(DataError, match='No Tiny ImageNet train/ folder'):
     read_tiny_imagenet(tmp_path / 'val', 'train')
   os.remove(tmp_path / 'val' / 'images' / 'val_0.JPEG')
-  with pytest.raises(DataError, match=r'val_0\.JPEG.*skip_missing_images=True'):
+  with pytest.raises(DataError,
+                     match=r'val_0\.JPEG.*--config\.tiny_imagenet\.skip_missing_images=True'):
     read_tiny_imagenet(tmp_path, 'test')
   assert len(read_tiny_imagenet(tmp_path, 'test', skip_missing=True).records) == 5
 
@@ -97,6 +99,8 @@ def test_image_folder_problems_are_data_errors(tmp_path):
   os.makedirs(tmp_path / 'train' / 'empty')
   with pytest.raises(DataError, match='has no images'):
     read_image_folder(tmp_path, 'train')
+  with pytest.raises(DataError, match=r'--config\.image_folder\.split_fractions\.'):
+    read_image_folder(tmp_path, 'train', fractions=(1, 0))
 
 
 TINY = os.path.join(fx.SHARED_DATA, 'tiny-imagenet-30')

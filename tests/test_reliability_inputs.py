@@ -10,10 +10,10 @@ import pytest
 
 import fixture_layouts as fx
 import reliability_helpers as rh
-from capjax.caption import predict
+from capjax import run
 from capjax.data import caption_tfds, features
-from capjax.data.errors import DataError
 from capjax.data.images import load_image
+from capjax.data.reading import DataError
 from capjax.errors import UserError
 
 
@@ -102,8 +102,8 @@ def test_a_damaged_feature_cache_file_is_rebuilt_not_read(tmp_path, damage):
 def test_predict_captions_the_readable_images_and_names_each_unreadable_one(
     workdir, bad_images, capsys):
   paths = [p for p, _, _ in bad_images]
-  results = predict.main(workdir, paths)
-  assert [r['image'] for r in results] == paths
+  results = run.predict(workdir, paths)
+  assert [r['path'] for r in results] == paths
   for (path, readable, says), r in zip(bad_images, results):
     if readable:
       assert isinstance(r['caption'], str) and 'error' not in r, r
@@ -117,9 +117,9 @@ def test_predict_captions_the_readable_images_and_names_each_unreadable_one(
 def test_predict_with_only_unreadable_images_is_one_user_error(workdir, bad_images):
   broken = [p for p, ok, _ in bad_images if not ok]
   with pytest.raises(UserError, match=f'None of the {len(broken)} images could be read'):
-    predict.main(workdir, broken)
+    run.predict(workdir, broken)
   with pytest.raises(UserError, match='zero_bytes.jpg is empty'):
-    predict.main(workdir, [broken[0]])
+    run.predict(workdir, [broken[0]])
 
 
 @pytest.mark.parametrize('breakage, says', [
@@ -146,5 +146,5 @@ def test_predict_on_a_broken_workdir_is_one_user_error(workdir, bad_images, tmp_
     shutil.rmtree(os.path.join(work, 'checkpoints', '1', 'state'))
   good = [p for p, ok, _ in bad_images if ok][:1]
   with pytest.raises(UserError, match=says) as e:
-    predict.main(work, good)
+    run.predict(work, good)
   assert '\n' not in str(e.value)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from capjax import configlib
-from capjax.configlib import Rule, at_least, choices, non_negative, one_of
+from capjax.configlib import (WHOLE_POSITIVE, Rule, at_least, choice_rule, non_negative,
+                              rules)
 from capjax.data import caption_tfds
 from capjax.errors import UserError
 from capjax.models import encoders
@@ -17,31 +18,26 @@ DECODINGS = ('greedy', 'beam')
 PATCH_ENCODERS = encoders.SMALL_CNNS
 
 RULES = [
-    Rule('dataset', one_of(*DATASETS), choices(*DATASETS)),
-    Rule('eval.decoding', one_of(*DECODINGS), choices(*DECODINGS)),
+    choice_rule('dataset', *DATASETS),
+    choice_rule('eval.decoding', *DECODINGS),
     Rule('eval.beam_size', at_least(1), 'a whole number >= 1'),
-    Rule('eval.length_alpha', non_negative, 'a number >= 0'),
     Rule('eval.num_samples', at_least(0), 'a whole number >= 0'),
     Rule('data.caption_length', at_least(3), 'a whole number >= 3 (<start>, a word, <end>)'),
-    Rule('shapes.image_size', at_least(1), 'a whole number > 0'),
-    Rule('shapes.num_train', at_least(1), 'a whole number > 0'),
-    Rule('shapes.num_validation', at_least(1), 'a whole number > 0'),
-    Rule('shapes.num_test', at_least(1), 'a whole number > 0'),
+    *rules(at_least(1), WHOLE_POSITIVE, 'shapes.image_size', 'shapes.num_train',
+           'shapes.num_validation', 'shapes.num_test', 'model.embed_dim', 'model.hidden',
+           'model.attn_dim', 'model.patch'),
     Rule('vocab.min_freq', at_least(1), 'a whole number >= 1'),
     Rule('vocab.max_size', at_least(5), 'a whole number > 4 (4 special tokens)'),
-    Rule('model.encoder', one_of(*encoders.NAMES), choices(*encoders.NAMES)),
-    Rule('model.decoder', one_of(*DECODERS), choices(*DECODERS)),
-    Rule('model.embed_dim', at_least(1), 'a whole number > 0'),
-    Rule('model.hidden', at_least(1), 'a whole number > 0'),
-    Rule('model.attn_dim', at_least(1), 'a whole number > 0'),
-    Rule('model.attention_reg', non_negative, 'a number >= 0'),
-    Rule('model.score', one_of('additive', 'dot'), choices('additive', 'dot')),
-    Rule('model.query', one_of('previous', 'current'), choices('previous', 'current')),
-    Rule('model.merge', one_of('add', 'concat'), choices('add', 'concat')),
-    Rule('model.conv', one_of('flax', 'layers'), choices('flax', 'layers')),
-    Rule('model.patch', at_least(1), 'a whole number > 0'),
+    choice_rule('model.encoder', *encoders.NAMES),
+    choice_rule('model.decoder', *DECODERS),
+    *rules(non_negative, 'a number >= 0', 'eval.length_alpha', 'model.attention_reg'),
+    choice_rule('model.score', 'additive', 'dot'),
+    choice_rule('model.query', 'previous', 'current'),
+    choice_rule('model.merge', 'add', 'concat'),
+    choice_rule('model.conv', 'flax', 'layers'),
     Rule('optim.encoder_lr_scale', non_negative, 'a number >= 0 (0 freezes the encoder)'),
 ]
+# The widths and strides of the small CNNs' layers (tiny_cnn fixes its own).
 _SMALL_CNN_RULES = [
     Rule('model.widths', configlib.positive_ints,
          'a non-empty list of whole numbers > 0, e.g. (64, 64, 128)'),

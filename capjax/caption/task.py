@@ -17,39 +17,40 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from absl import logging
 
-from capjax.caption import bench, data, pipeline, steps
+from capjax.caption import data, pipeline, steps
 from capjax.caption import evaluate as evaluation
 from capjax.caption import predict as prediction
-from capjax.caption import config as task_config
+from capjax.caption.bench import BUILDERS as BENCH
+from capjax.caption.config import validate
+from capjax.caption.data import load_splits
 from capjax.data import features, loading
 from capjax.data.tokenizer import Vocabulary
 from capjax.models import decoder, encoders, keras_weights
 from capjax.models.captioner import Captioner
+from capjax import tasks
 from capjax.tasks import Splits
 from capjax.train import checkpoint, loop, sharding
 from capjax.train import state as state_lib
 from capjax.train.optim import make_optimizer
 
+# capjax.tasks.Task, which the runtime uses; the rest is this task's own API.
+__all__ = ['NAME', 'CURVES', 'BENCH', 'validate', 'load_splits', 'training_job', 'run_info',
+           'restore_trained', 'evaluate', 'predict', 'describe']
 NAME = 'caption'
 CURVES = ('loss', 'token_accuracy')
-BENCH = bench.BUILDERS
-validate = task_config.validate
-load_splits = data.load_splits
 
 
 @dataclasses.dataclass
-class Trained:
-  """A captioner and what running it needs: its vocabulary and, after training, the inputs
-  each split was prepared as (decoded images, cached features), so evaluation reuses them."""
-  model: Captioner
-  vocab: Vocabulary
-  state: Any = None
+class Trained(tasks.Trained):
+  """A captioner, its vocabulary and, after training, the inputs each split was prepared as
+  (decoded images, cached features), so that evaluation reuses them."""
+  vocab: Optional[Vocabulary] = None
   inputs: dict = dataclasses.field(default_factory=dict)
 
 
@@ -138,10 +139,10 @@ def _encode_fn(config, model, state):
                               pooled=not data.needs_grid(config))
 
 
-def _split_inputs(config, split: str, source, state) -> data.SplitInputs:
-  # A frozen encoder is the state's own, so the cache key's weights id holds for it.
+def _split_inputs(config, split: str, source, trained: Trained) -> data.SplitInputs:
+  # A frozen encoder is the trained state's own, so the cache key's weights id holds for it.
   return data.split_inputs(
-      config, split, source, encode=_encode_fn(config, state.model, state.state),
+      config, split, source, encode=_encode_fn(config, trained.model, trained.state),
       weights_id=features.weights_id(config.model.get('encoder_weights'), config.seed))
 
 
@@ -155,7 +156,7 @@ def training_job(config, workdir: str, splits: Splits) -> tuple[loop.Job, Traine
   total = loop.total_steps(config, len(sources['train']))
   state0 = (starting_state(config, model, make_optimizer(config.optim, total))
             if _seeds_encoder(config) else None)
-  trained = Trained(model, vocab, state0)
+  trained = Trained(model, state0, vocab=vocab)
   trained.inputs = {s: _split_inputs(config, s, src, trained) for s, src in sources.items()}
   train, val = trained.inputs['train'], trained.inputs['validation']
   from_features = train.input_key == 'features'
@@ -194,7 +195,7 @@ def restore_trained(config, workdir: str) -> Trained:
   model = build_model(config, len(vocab))
   state = checkpoint.restore_for_inference(workdir, model, make_optimizer(config.optim, 1),
                                            jax.random.key(0), *sample_inputs(config))
-  return Trained(model, vocab, state)
+  return Trained(model, state, vocab=vocab)
 
 
 def evaluate(config, workdir: str, trained: Trained, splits: Splits) -> dict:

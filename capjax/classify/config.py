@@ -6,7 +6,8 @@ import dataclasses
 
 from capjax import configlib
 from capjax.classify.pipeline import Augment
-from capjax.configlib import Rule, at_least, choices, fraction, non_negative, one_of
+from capjax.configlib import (UNIT_FRACTION, WHOLE_POSITIVE, Rule, at_least, choice_rule,
+                              fraction, non_negative, rules)
 from capjax.errors import UserError
 from capjax.models import classifier
 
@@ -16,15 +17,15 @@ CROPS = ('pad', 'resized', 'none')
 OVERRIDES = ('widths', 'convs_per_stage', 'stage_sizes', 'stem_width', 'stem_stride')
 
 RULES = [
-    Rule('dataset', one_of(*DATASETS), choices(*DATASETS)),
-    Rule('train.label_smoothing', fraction, 'in [0, 1)'),
-    Rule('data.stats_max_images', at_least(1), 'a whole number > 0'),
-    Rule('model.name', one_of(*classifier.PRESETS), choices(*classifier.PRESETS)),
-    Rule('model.conv', one_of('flax', 'layers'), choices('flax', 'layers')),
-    Rule('augment.crop', one_of(*CROPS), choices(*CROPS)),
+    choice_rule('dataset', *DATASETS),
+    Rule('train.label_smoothing', fraction, UNIT_FRACTION),
+    Rule('data.stats_max_images', at_least(1), WHOLE_POSITIVE),
+    choice_rule('model.name', *classifier.PRESETS),
+    choice_rule('model.conv', 'flax', 'layers'),
+    choice_rule('augment.crop', *CROPS),
     Rule('augment.crop_padding', at_least(0), 'a whole number >= 0'),
-    Rule('augment.mixup_alpha', non_negative, 'a number >= 0 (0: off)'),
-    Rule('augment.cutmix_alpha', non_negative, 'a number >= 0 (0: off)'),
+    *rules(non_negative, 'a number >= 0 (0: off)', 'augment.mixup_alpha',
+           'augment.cutmix_alpha'),
 ]
 
 

@@ -13,11 +13,11 @@ from absl import logging
 
 from capjax.classify import pipeline
 from capjax.data import classify_tfds
+from capjax.data.reading import SPLITS
 from capjax.errors import UserError
 from capjax.tasks import Splits
 
 META_FILE = 'classify_meta.json'
-SPLITS = ('train', 'validation', 'test')  # What a training run reads.
 
 
 def _wnids(value):

@@ -9,38 +9,31 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from absl import logging
 
-from capjax.classify import bench, data, pipeline, steps
+from capjax.classify import data, pipeline, steps
 from capjax.classify import evaluate as evaluation
 from capjax.classify import predict as prediction
-from capjax.classify import config as task_config
+from capjax.classify.bench import BUILDERS as BENCH
+from capjax.classify.config import validate
+from capjax.classify.data import load_splits
 from capjax.classify.config import OVERRIDES
 from capjax.errors import UserError
 from capjax.models import classifier, layers
+from capjax import tasks
 from capjax.tasks import Splits
 from capjax.train import checkpoint, loop, sharding
 from capjax.train.optim import make_optimizer
 
+# capjax.tasks.Task, which the runtime uses; the rest is this task's own API.
+__all__ = ['NAME', 'CURVES', 'BENCH', 'validate', 'load_splits', 'training_job', 'run_info',
+           'restore_trained', 'evaluate', 'predict', 'describe']
 NAME = 'classify'
 CURVES = ('loss', 'accuracy')
-BENCH = bench.BUILDERS
-validate = task_config.validate
-load_splits = data.load_splits
-
-
-@dataclasses.dataclass
-class Trained:
-  """A classifier and what running it needs: the workdir's classify_meta.json (class
-  names, normalisation statistics, image size)."""
-  model: nn.Module
-  meta: dict
-  state: Any = None
 
 
 def build_model(config, num_classes: int) -> nn.Module:
@@ -70,6 +63,13 @@ def model_label(model_config) -> str:
   return model_config.name + (f"[{','.join(set_fields)}]" if set_fields else '')
 
 
+@dataclasses.dataclass
+class Trained(tasks.Trained):
+  """A classifier with the workdir's classify_meta.json (class names, normalisation
+  statistics, image size): everything predict needs besides the weights."""
+  meta: dict = dataclasses.field(default_factory=dict)
+
+
 def training_job(config, workdir: str, splits: Splits) -> tuple[loop.Job, Trained]:
   """The loop's Job for `config`, and the Trained (without its state) that evaluation needs.
   Writes the normalisation statistics into `workdir`."""
@@ -97,7 +97,7 @@ def training_job(config, workdir: str, splits: Splits) -> tuple[loop.Job, Traine
                            label_smoothing=float(config.train.label_smoothing))
   job = loop.Job(model=model, sample_inputs=sample_inputs(config), train_data=train_data,
                  train_step=step, validate=validate_fn, total_steps=total_steps)
-  return job, Trained(model, meta)
+  return job, Trained(model, meta=meta)
 
 
 def run_info(config) -> dict:
@@ -113,7 +113,7 @@ def restore_trained(config, workdir: str, total_steps: int = 1) -> Trained:
   state = checkpoint.restore_for_inference(
       workdir, model, make_optimizer(config.optim, total_steps), jax.random.key(config.seed),
       *sample_inputs(config))
-  return Trained(model, meta, state)
+  return Trained(model, state, meta=meta)
 
 
 def evaluate(config, workdir: str, trained: Trained, splits: Splits) -> dict:

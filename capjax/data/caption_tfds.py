@@ -28,11 +28,10 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from capjax.data import coco, flickr8k, own_captions
-from capjax.data.errors import CaptionSplit, DataError
 from capjax.data.images import load_image
+from capjax.data.reading import SPLITS, CaptionSplit, DataError
 
 DATASETS = ('flickr8k', 'coco', 'own')
-SPLITS = ('train', 'validation', 'test')
 
 
 def read_split(dataset: str, root: str, split: str, read: dict) -> CaptionSplit:
@@ -46,8 +45,9 @@ def read_split(dataset: str, root: str, split: str, read: dict) -> CaptionSplit:
     images_dir = read.pop('images_dir', None) or root
     captions_file = read.pop('captions_file', None)
     if not captions_file:
-      raise DataError("dataset='own' needs a captions file: set --config.own.captions_file="
-                      "PATH (a .csv with image,caption columns or a .jsonl).")
+      raise DataError('--config.dataset=own needs a captions file: set '
+                      '--config.own.captions_file=PATH (a .csv with image,caption columns or a '
+                      '.jsonl).')
     if not os.path.isabs(captions_file):
       captions_file = os.path.join(root, captions_file)
     return own_captions.read_own_captions(images_dir, captions_file, split, **read)
@@ -67,7 +67,7 @@ def _root(root: str | None, dataset: str) -> str:
     raise DataError(f'The {dataset} data set needs its root folder: set --config.data_dir=PATH.')
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
-    raise DataError(f'config.data_dir={root} does not exist or is not a folder; point it at '
+    raise DataError(f'--config.data_dir={root} does not exist or is not a folder; point it at '
                     f'the {dataset} data set root.')
   return root
 
@@ -172,7 +172,8 @@ def load_split(tfds_dir: str | None, dataset: str, root: str, split: str, **read
 
 
 def reader_args(config) -> dict:
-  """The reader's keyword arguments from config (config.<dataset> + skip_missing_images)."""
+  """The reader's keyword arguments from config: config.<dataset> and
+  config.data.skip_missing_images."""
   d = config.dataset
   args = {'skip_missing': bool(config.data.get('skip_missing_images', False))}
   if d == 'flickr8k':

@@ -9,9 +9,10 @@ The two real layouts are read by capjax.data.tiny_imagenet; the builder decodes 
 once with `load_image` (greyscale, CMYK, palette, alpha... all become RGB) and stores it as
 uint8 pixels at `image_size`, so training reads fixed-size arrays and never decodes a JPEG.
 
-Every config's name carries a hash of what defines its contents (root, class list, split
-settings, size and the list of files), so changing any of them prepares a new copy instead of
-silently reusing a stale one. Examples are {'image': uint8 HxWx3, 'label': int, 'id': str}.
+A real data set's config name carries a hash of what defines its contents (root, class list,
+split settings, size and the list of files), and shapes30's names its size, split sizes and seed
+(`generate.generated_config`), so changing any of them prepares a new copy instead of silently
+reusing a stale one. Examples are {'image': uint8 HxWx3, 'label': int, 'id': str}.
 """
 from __future__ import annotations
 
@@ -27,10 +28,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from capjax.data import classify_world, generate, tiny_imagenet
-from capjax.data.errors import DataError
 from capjax.data.images import load_image
-
-SPLITS = ('train', 'validation', 'test')
+from capjax.data.reading import SPLITS, DataError
 
 
 def _image_features(image_size: int, class_names) -> tfds.features.FeaturesDict:
@@ -44,28 +43,11 @@ def _image_features(image_size: int, class_names) -> tfds.features.FeaturesDict:
   })
 
 
-@dataclasses.dataclass
-class Shapes30Config(tfds.core.BuilderConfig):
-  image_size: int = 32
-  num_train: int = 15000
-  num_validation: int = 1500
-  num_test: int = 3000
-  seed: int = 0
-
-
-def shapes30_config(image_size: int, num_train: int, num_validation: int, num_test: int,
-                    seed: int) -> Shapes30Config:
-  """A config whose name encodes every parameter, so each variant is cached apart."""
-  name = f'{image_size}px_{num_train}-{num_validation}-{num_test}_seed{seed}'
-  return Shapes30Config(name=name, image_size=image_size, num_train=num_train,
-                        num_validation=num_validation, num_test=num_test, seed=seed)
-
-
 class CapjaxShapes30(tfds.core.GeneratorBasedBuilder):
   """Generated images of 10 shapes x 3 fill styles under heavy nuisance variation."""
 
   VERSION = tfds.core.Version('1.0.0')
-  BUILDER_CONFIGS = [shapes30_config(32, 15000, 1500, 3000, 0)]
+  BUILDER_CONFIGS = [generate.generated_config(32, 15000, 1500, 3000, 0)]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -113,7 +95,7 @@ def folder_config(layout: str, root: str, image_size: int, **read) -> FolderConf
     raise DataError(f'The {layout} data set needs its root folder: set --config.data_dir=PATH.')
   root = _abs(root)
   if not os.path.isdir(root):
-    raise DataError(f'config.data_dir={root} does not exist or is not a folder; point it at '
+    raise DataError(f'--config.data_dir={root} does not exist or is not a folder; point it at '
                     f'the {layout} data set root.')
   splits = {s: _read_split(layout, root, s, read) for s in SPLITS}
   class_names = tuple(splits['train'].class_names)
@@ -176,13 +158,9 @@ def _download_config(manual_dir: str | None = None):
 
 
 def prepare_shapes30(data_dir: str | None, **params) -> CapjaxShapes30:
-  """Generates the shapes30 data set once (a no-op when it is already on disk)."""
-  config = shapes30_config(**params)
-  if config.name in CapjaxShapes30.builder_configs:  # TFDS wants registered ones by name.
-    config = config.name
-  builder = CapjaxShapes30(config=config, data_dir=data_dir, file_format='array_record')
-  builder.download_and_prepare(download_config=_download_config())
-  return builder
+  """Generates the shapes30 data set once (a no-op when it is already on disk); `params` are
+  `generate.generated_config`'s."""
+  return generate.prepare(CapjaxShapes30, data_dir, _download_config(), **params)
 
 
 def prepare_folder(data_dir: str | None, layout: str, root: str, image_size: int,

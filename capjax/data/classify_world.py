@@ -20,12 +20,12 @@ import numpy as np
 from matplotlib.path import Path
 
 from capjax.data import shapes
+from capjax.data.reading import SPLITS
 
 SHAPES = ('circle', 'ellipse', 'semicircle', 'crescent', 'heart', 'triangle', 'square',
           'star', 'cross', 'arrow')
 FILLS = ('solid', 'outline', 'striped')
 CLASS_NAMES = tuple(f'{fill} {shape}' for shape in SHAPES for fill in FILLS)
-SPLIT_KEYS = {'train': 0, 'validation': 1, 'test': 2}
 
 # Object radius as a fraction of the image side: at the smallest scale a 32-pixel image
 # still shows the shape's outline (~10 px radius) and its stripes (period >= 3.8 px).
@@ -138,6 +138,6 @@ def render(label: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
 
 def example(seed: int, split: str, index: int, size: int = 32) -> dict:
   """Example `index` of `split`: {'image', 'label'}; labels cycle so splits are balanced."""
-  rng = np.random.default_rng([seed, SPLIT_KEYS[split], index])
+  rng = np.random.default_rng([seed, SPLITS.index(split), index])
   label = index % len(CLASS_NAMES)
   return {'image': render(label, rng, size), 'label': label}

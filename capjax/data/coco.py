@@ -21,12 +21,10 @@ import re
 
 from absl import logging
 
-from capjax.data.errors import (CaptionSplit, DataError, ReadReport, clean_caption, drop_missing,
-                                list_dir)
+from capjax.data.reading import (CaptionSplit, DataError, ReadReport, canonical_split,
+                                 clean_caption, finish_split, list_dir)
 
 _ANNOTATION = re.compile(r'^captions_(train|val)(\d{4})\.json$')
-_SPLIT_ALIASES = {'train': 'train', 'val': 'validation', 'validation': 'validation',
-                  'dev': 'validation', 'test': 'test'}
 _KARPATHY_SPLITS = {'train': ('train', 'restval'), 'validation': ('val',), 'test': ('test',)}
 
 
@@ -84,14 +82,15 @@ def _read_official(root: str, split: str, year: str | None,
                    report: ReadReport) -> tuple[list[dict], str]:
   if split == 'test':
     raise DataError("COCO's official test images have no public captions; give a Karpathy "
-                    "split file (config field karpathy_file) to get a captioned 'test' split.")
+                    "split file (--config.coco.karpathy_file=PATH) to get a captioned 'test' "
+                    "split.")
   years = available_annotations(root)[split]
   prefix = 'train' if split == 'train' else 'val'
   if year is not None:
     if str(year) not in years:
       raise DataError(f'{os.path.join(root, "annotations", f"captions_{prefix}{year}.json")} '
-                      f'does not exist; download the {year} caption annotations, or set the '
-                      f'year to one of {years or "those present"}.')
+                      f'does not exist; download the {year} caption annotations, or set '
+                      f'--config.coco.year to one of {years or "those present"}.')
     chosen = str(year)
   elif not years:
     raise DataError(f'No COCO caption annotations for split {split!r} in '
@@ -101,8 +100,8 @@ def _read_official(root: str, split: str, year: str | None,
     # Prefer a year whose images are present, then the newest.
     chosen = max(years, key=lambda y: (os.path.isdir(os.path.join(root, prefix + y)), y))
     if len(years) > 1:
-      logging.info('COCO %s: using %s annotations (also present: %s); set year to choose.',
-                   split, chosen, [y for y in years if y != chosen])
+      logging.info('COCO %s: using %s annotations (also present: %s); set --config.coco.year '
+                   'to choose.', split, chosen, [y for y in years if y != chosen])
   path = os.path.join(root, 'annotations', f'captions_{prefix}{chosen}.json')
   image_dir = os.path.join(root, prefix + chosen)
   data = _load_json(path)
@@ -136,7 +135,7 @@ def _read_karpathy(root: str, karpathy_file: str, split: str,
   path = karpathy_file if os.path.isabs(karpathy_file) else os.path.join(root, karpathy_file)
   if not os.path.isfile(path):
     raise DataError(f'Karpathy split file {path} does not exist; download dataset_coco.json '
-                    f'or fix the config field karpathy_file.')
+                    f'or fix --config.coco.karpathy_file.')
   data = _load_json(path)
   images = _field(data, 'images', path, 'the top level', list)
   locator = _ImageLocator(root)
@@ -184,9 +183,7 @@ def read_coco(root: str, split: str, *, karpathy_file: str | None = None,
     CaptionSplit(records, report); records are {'id': COCO image id as str, 'image_path',
     'captions'}. The report is also logged.
   """
-  if split not in _SPLIT_ALIASES:
-    raise DataError(f'Unknown COCO split {split!r}; use one of train, validation, test.')
-  split = _SPLIT_ALIASES[split]
+  split = canonical_split(split, 'COCO')
   root = os.fspath(root)
   if not os.path.isdir(root):
     raise DataError(f'COCO root {root} does not exist or is not a folder; set the dataset root '
@@ -205,9 +202,6 @@ def read_coco(root: str, split: str, *, karpathy_file: str | None = None,
       listings[folder] = list_dir(folder)
     return os.path.basename(p) in listings[folder]
 
-  records = drop_missing(records, present, report, what=f"COCO split '{split}' (images under "
-                         f'{image_dir})', skip_missing=skip_missing)
-  report.images = len(records)
-  report.captions = sum(len(r['captions']) for r in records)
-  report.log()
-  return CaptionSplit(records, report)
+  return finish_split(records, report, present=present,
+                      what=f"COCO split '{split}' (images under {image_dir})",
+                      skip_missing=skip_missing)

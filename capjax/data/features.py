@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 from absl import logging
 
-from capjax.data.errors import DataError
+from capjax.data.reading import DataError
 
 FORMAT_VERSION = 1
 
@@ -41,7 +41,7 @@ def weights_id(path: str | None, seed: int) -> str:
         digest.update(chunk)
   except OSError as e:
     raise DataError(f'Cannot read the encoder weights file {path} ({e.strerror or e}); fix '
-                    f'config.model.encoder_weights.') from None
+                    f'--config.model.encoder_weights.') from None
   return 'sha256:' + digest.hexdigest()
 
 

@@ -20,8 +20,8 @@ import io
 import os
 from typing import Sequence
 
-from capjax.data.errors import (CaptionSplit, DataError, ReadReport, clean_caption, drop_missing,
-                                 list_dir, read_lines)
+from capjax.data.reading import (CaptionSplit, DataError, ReadReport, canonical_split,
+                                 clean_caption, finish_split, list_dir, read_lines)
 
 TEXT_DIR = 'Flickr8k_text'
 TOKEN_FILE = 'Flickr8k.token.txt'
@@ -30,8 +30,8 @@ SPLIT_FILES = {'train': 'Flickr_8k.trainImages.txt', 'dev': 'Flickr_8k.devImages
                'test': 'Flickr_8k.testImages.txt'}
 KAGGLE_IMAGE_DIR = 'Images'
 KAGGLE_CAPTIONS = 'captions.txt'
-_SPLIT_ALIASES = {'train': 'train', 'dev': 'dev', 'val': 'dev', 'validation': 'dev',
-                  'test': 'test'}
+# The release calls its validation split 'dev'; the reader keeps that name.
+_SPLIT_ALIASES = {'validation': 'dev', 'val': 'dev', 'dev': 'dev'}
 
 
 def detect_layout(root: str) -> str:
@@ -131,10 +131,7 @@ def read_flickr8k(root: str, split: str, *, skip_missing: bool = False,
     'image_path': absolute-or-root-relative path, 'captions': [str, ...]} in split-file order
     (official) or sorted name order (Kaggle). The report is also logged.
   """
-  if split not in _SPLIT_ALIASES:
-    raise DataError(f'Unknown Flickr8k split {split!r}; use one of train, dev (validation), '
-                    f'test.')
-  split = _SPLIT_ALIASES[split]
+  split = canonical_split(split, 'Flickr8k', _SPLIT_ALIASES)
   root = os.fspath(root)
   layout = detect_layout(root)
   report = ReadReport(source=f'Flickr8k ({layout} layout) split {split!r} at {root}')
@@ -169,10 +166,6 @@ def read_flickr8k(root: str, split: str, *, skip_missing: bool = False,
     records.append({'id': os.path.splitext(name)[0], 'image_path': os.path.join(image_dir, name),
                     'captions': list(captions[name])})
   on_disk = list_dir(image_dir)
-  records = drop_missing(records, lambda p: os.path.basename(p) in on_disk, report,
-                         what=f"Flickr8k split '{split}' (images in {image_dir})",
-                         skip_missing=skip_missing)
-  report.images = len(records)
-  report.captions = sum(len(r['captions']) for r in records)
-  report.log()
-  return CaptionSplit(records, report)
+  return finish_split(records, report, present=lambda p: os.path.basename(p) in on_disk,
+                      what=f"Flickr8k split '{split}' (images in {image_dir})",
+                      skip_missing=skip_missing)

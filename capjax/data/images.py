@@ -1,11 +1,12 @@
-"""Decoding users' image files into uint8 RGB arrays, robustly.
+"""Users' image files: which names count as images, and decoding them into uint8 RGB, robustly.
 
 Every image capjax reads goes through `load_image`. Real folders hold greyscale scans, 16-bit
 PNGs, CMYK JPEGs from print workflows, palette GIFs, transparent PNGs, rotated phone photos, and
 the occasional zero-byte or truncated download. `load_image` turns all of these into (H, W, 3)
 uint8 RGB, and every file it cannot read into a `DataError` naming the file: any input gives an
 array or a DataError, never another exception type, so a data pipeline can skip or report bad
-files with one `except DataError`.
+files with one `except DataError`. `resize_image` resizes an array the same way, and
+`IMAGE_EXTENSIONS` are the file endings the readers take for images when they list a folder.
 """
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from capjax.data.errors import DataError
+from capjax.data.reading import DataError
+
+# Lower-case endings of the files a reader lists as images (Pillow reads all of these).
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
 Size = Union[int, tuple[int, int]]

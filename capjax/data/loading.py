@@ -7,8 +7,8 @@ from typing import Callable, Iterator, Sequence
 import grain
 import jax
 
-from capjax.data.errors import DataError
 from capjax.data.images import load_image
+from capjax.data.reading import DataError
 from capjax.errors import UserError
 
 

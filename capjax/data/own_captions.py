@@ -16,49 +16,19 @@ files are often downloaded from strangers.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
 from typing import Sequence
 
-from capjax.data.errors import (CaptionSplit, DataError, ReadReport, clean_caption, drop_missing,
-                                read_lines)
+from capjax.data.images import IMAGE_EXTENSIONS
+from capjax.data.reading import (SPLITS, CaptionSplit, DataError, ReadReport, canonical_split,
+                                 check_fractions, clean_caption, finish_split, read_lines,
+                                 split_by_fraction)
 
 IMAGE_COLUMNS = ('image', 'image_name', 'filename', 'file_name', 'file', 'path')
 CAPTION_COLUMNS = ('caption', 'text', 'description', 'sentence')
-SPLITS = ('train', 'validation', 'test')
-_SPLIT_ALIASES = {'train': 'train', 'validation': 'validation', 'val': 'validation',
-                  'dev': 'validation', 'test': 'test'}
-_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
-
-
-def split_by_fraction(names: Sequence[str], fractions: Sequence[float],
-                      seed: int = 0) -> list[list[str]]:
-  """Splits names into len(fractions) groups in a fixed hash order.
-
-  Args:
-    names: distinct item names (duplicates are merged).
-    fractions: non-negative shares, e.g. (0.8, 0.1, 0.1); normalised to sum to 1. Group sizes
-      are rounded cumulatively, so they always add up to len(names).
-    seed: changes the order, for a different but still reproducible split.
-
-  Returns:
-    One sorted list of names per fraction.
-  """
-  if not fractions or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-    raise DataError(f'Split fractions {tuple(fractions)!r} must be non-negative and sum to more '
-                    f'than 0; fix the config field split_fractions.')
-  # sha1 rather than hash(): Python salts str hashes per process, which would change the split.
-  order = sorted(set(names), key=lambda n: (hashlib.sha1(f'{seed}:{n}'.encode()).digest(), n))
-  total = float(sum(fractions))
-  groups, start, cum = [], 0, 0.0
-  for f in fractions:
-    cum += f
-    end = round(len(order) * cum / total)
-    groups.append(sorted(order[start:end]))
-    start = end
-  return groups
+_FRACTIONS_FLAG = '--config.own.split_fractions'
 
 
 def _pick(columns: list[str], candidates: Sequence[str], path: str, what: str) -> int:
@@ -124,8 +94,8 @@ def read_caption_rows(captions_file: str, report: ReadReport) -> dict[str, list[
     raise DataError(f'{path} is a pickle, which capjax does not load because unpickling can run '
                     f'arbitrary code; save the captions as CSV (image,caption) or JSON lines.')
   if not os.path.isfile(path):
-    raise DataError(f'Captions file {path} does not exist; check the config field '
-                    f'captions_file.')
+    raise DataError(f'Captions file {path} does not exist; check --config.own.captions_file '
+                    f'(a path relative to --config.data_dir, or absolute).')
   if ext in ('.csv', '.txt'):
     rows = _read_csv(path, report)
   elif ext in ('.jsonl', '.jsonlines', '.ndjson'):
@@ -163,33 +133,26 @@ def read_own_captions(images_dir: str, captions_file: str, split: str, *,
     CaptionSplit(records, report); records are {'id': the image name as written in the file,
     'image_path', 'captions'}, sorted by name. The report is also logged.
   """
-  if split not in _SPLIT_ALIASES:
-    raise DataError(f'Unknown split {split!r}; use one of train, validation, test.')
-  split = _SPLIT_ALIASES[split]
-  if len(fractions) != len(SPLITS):
-    raise DataError(f'Split fractions {tuple(fractions)!r} need one share each for train, '
-                    f'validation and test; fix the config field split_fractions.')
+  split = canonical_split(split)
+  check_fractions(fractions, _FRACTIONS_FLAG)
   images_dir = os.fspath(images_dir)
   if not os.path.isdir(images_dir):
-    raise DataError(f'Image folder {images_dir} does not exist or is not a folder; check the '
-                    f'config field images_dir.')
+    raise DataError(f'Image folder {images_dir} does not exist or is not a folder; check '
+                    f'--config.own.images_dir (by default --config.data_dir).')
   report = ReadReport(source=f'own captions {captions_file} split {split!r} in {images_dir}')
   captions = read_caption_rows(captions_file, report)
   if not captions:
     raise DataError(f'Captions file {captions_file} has no usable (image, caption) rows; check '
                     f'its header and contents.')
-  names = split_by_fraction(list(captions), fractions, seed)[SPLITS.index(split)]
+  names = split_by_fraction(list(captions), fractions, seed,
+                            flag=_FRACTIONS_FLAG)[SPLITS.index(split)]
   records = [{'id': name, 'image_path': os.path.join(images_dir, name),
               'captions': captions[name]} for name in names]
   # Images in the folder that no caption row names are worth knowing about (a typo in a name
   # shows up both here and as a missing image), but only top-level files are checked: cheap.
   for entry in sorted(os.listdir(images_dir)):
-    if entry.lower().endswith(_IMAGE_EXTENSIONS) and entry not in captions:
+    if entry.lower().endswith(IMAGE_EXTENSIONS) and entry not in captions:
       report.count('images_without_captions', os.path.join(images_dir, entry))
-  records = drop_missing(records, os.path.isfile, report,
-                         what=f"Own captions split '{split}' ({captions_file})",
-                         skip_missing=skip_missing)
-  report.images = len(records)
-  report.captions = sum(len(r['captions']) for r in records)
-  report.log()
-  return CaptionSplit(records, report)
+  return finish_split(records, report, present=os.path.isfile,
+                      what=f"Own captions split '{split}' ({captions_file})",
+                      skip_missing=skip_missing)

@@ -9,12 +9,13 @@ pair always gives the same example.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import re
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from matplotlib.path import Path
+
+from capjax.data.reading import SPLITS
 
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'star', 'cross')
 COLOURS = {
@@ -259,31 +260,8 @@ def parse(caption: str) -> Optional[Scene]:
 def example(seed: int, split: str, index: int, size: int = 64,
             captions_per_image: int = 5) -> dict:
   """The deterministic example `index` of `split` for a given seed."""
-  split_key = {'train': 0, 'validation': 1, 'test': 2}[split]
-  rng = np.random.default_rng([seed, split_key, index])
+  rng = np.random.default_rng([seed, SPLITS.index(split), index])
   scene = sample_scene(rng)
   return {'image': render(scene, rng, size),
           'captions': captions_for(scene, rng, captions_per_image),
           'scene': scene}
-
-
-def all_scene_count(max_objects: int = 3) -> int:
-  """Number of distinct scenes, to size data sets against (for docs and tests)."""
-  per_obj = len(SHAPES) * len(COLOURS) * len(SIZES)
-  return per_obj + sum(len(LAYOUTS) * per_obj ** n for n in range(2, max_objects + 1))
-
-
-def words() -> Sequence[str]:
-  """Every word the grammar can emit (the vocabulary a model needs)."""
-  vocab = set(itertools.chain(*(w for w in _SIZE_WORDS.values())))
-  vocab |= set(COLOURS) | set(SHAPES) | {'a'}
-  for templates in _TEMPLATES.values():
-    for t in templates:
-      vocab |= set(re.sub(r'\{\d\}', ' ', t).split())
-  return sorted(vocab)
-
-
-def max_caption_words() -> int:
-  """The grammar's longest caption in words (every object phrase is 'a <size> <colour> <shape>')."""
-  return max(len(re.sub(r'\{\d\}', ' ', t).split()) + 4 * n
-             for (n, _), templates in _TEMPLATES.items() for t in templates)

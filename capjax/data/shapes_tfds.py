@@ -1,7 +1,6 @@
 """The `shapes` data set as a TF-free TFDS builder (array_record + `data_source`)."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 
@@ -13,28 +12,11 @@ from capjax.data import generate, shapes
 CAPTIONS_PER_IMAGE = 5
 
 
-@dataclasses.dataclass
-class ShapesConfig(tfds.core.BuilderConfig):
-  image_size: int = 64
-  num_train: int = 20000
-  num_validation: int = 500
-  num_test: int = 1000
-  seed: int = 0
-
-
-def shapes_config(image_size: int, num_train: int, num_validation: int,
-                  num_test: int, seed: int) -> ShapesConfig:
-  """A config whose name encodes every parameter, so each variant is cached apart."""
-  name = f'{image_size}px_{num_train}-{num_validation}-{num_test}_seed{seed}'
-  return ShapesConfig(name=name, image_size=image_size, num_train=num_train,
-                      num_validation=num_validation, num_test=num_test, seed=seed)
-
-
 class CapjaxShapes(tfds.core.GeneratorBasedBuilder):
   """Procedural scenes of 1-3 coloured shapes with 5 grammar captions each."""
 
   VERSION = tfds.core.Version('1.1.0')  # 1.1.0: larger small objects.
-  BUILDER_CONFIGS = [shapes_config(64, 20000, 500, 1000, 0)]
+  BUILDER_CONFIGS = [generate.generated_config(64, 20000, 500, 1000, 0)]
 
   def _info(self) -> tfds.core.DatasetInfo:
     s = self.builder_config.image_size
@@ -70,10 +52,6 @@ class CapjaxShapes(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(data_dir: str | None, **params) -> CapjaxShapes:
-  """Generates the data set once (a no-op when it is already on disk)."""
-  config = shapes_config(**params)
-  if config.name in CapjaxShapes.builder_configs:  # TFDS wants registered ones by name.
-    config = config.name
-  builder = CapjaxShapes(config=config, data_dir=data_dir, file_format='array_record')
-  builder.download_and_prepare()
-  return builder
+  """Generates the data set once (a no-op when it is already on disk); `params` are
+  `generate.generated_config`'s."""
+  return generate.prepare(CapjaxShapes, data_dir, **params)

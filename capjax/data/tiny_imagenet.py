@@ -13,36 +13,23 @@ number, the last `val_per_class` for validation. Labels follow the order of the 
 
 Image folders: root/<class>/**/<image> with class names = sorted folder names, or
 root/{train,val,test}/<class>/... where any split folder that is absent is carved out of train/
-per class by fraction (same hash order as `own_captions.split_by_fraction`).
+per class by fraction (`reading.split_by_fraction`, the hash order own captions are split in).
 """
 from __future__ import annotations
 
 import os
 import re
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
-from capjax.data.errors import DataError, ReadReport, drop_missing, list_dir, read_lines
-from capjax.data.own_captions import split_by_fraction
+from capjax.data.images import IMAGE_EXTENSIONS
+from capjax.data.reading import (SPLITS, ClassifySplit, DataError, ReadReport, canonical_split,
+                                 check_fractions, finish_split, list_dir, read_lines,
+                                 split_by_fraction)
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
-SPLITS = ('train', 'validation', 'test')
-_SPLIT_ALIASES = {'train': 'train', 'validation': 'validation', 'val': 'validation',
-                  'dev': 'validation', 'test': 'test'}
+_SKIP_FLAG = '--config.tiny_imagenet.skip_missing_images'
+_FRACTIONS_FLAG = '--config.image_folder.split_fractions'
 _SPLIT_FOLDERS = {'train': ('train',), 'validation': ('val', 'validation', 'dev'),
                   'test': ('test',)}
-
-
-class ClassifySplit(NamedTuple):
-  """One split of a classification dataset: records {'id', 'image_path', 'label'}."""
-  records: list[dict]
-  class_names: list[str]
-  report: ReadReport
-
-
-def _canonical(split: str) -> str:
-  if split not in _SPLIT_ALIASES:
-    raise DataError(f'Unknown split {split!r}; use one of train, validation, test.')
-  return _SPLIT_ALIASES[split]
 
 
 def _natural_key(name: str) -> list:
@@ -54,19 +41,13 @@ def _is_image(name: str) -> bool:
   return not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _finish(records: list[dict], class_names: list[str], report: ReadReport) -> ClassifySplit:
-  report.images = len(records)
-  report.log()
-  return ClassifySplit(records, class_names, report)
-
-
 def read_wnids(root: str, wnids: Sequence[str] | str | None) -> list[str]:
   """The class ids to use: a list as given, a path to a wnids file, or root/wnids.txt."""
   if wnids is None or isinstance(wnids, (str, os.PathLike)):
     path = os.fspath(wnids) if wnids is not None else os.path.join(root, 'wnids.txt')
     if not os.path.isfile(path):
       raise DataError(f'Class list {path} does not exist; point the dataset root at the Tiny '
-                      f'ImageNet folder (with wnids.txt) or give the wnids explicitly.')
+                      f'ImageNet folder (with wnids.txt) or set --config.tiny_imagenet.wnids.')
     wnids = [w.strip() for w in read_lines(path, ReadReport(source=path)) if w.strip()]
   wnids = list(wnids)
   if not wnids:
@@ -109,7 +90,7 @@ def read_tiny_imagenet(root: str, split: str, *, wnids: Sequence[str] | str | No
     ClassifySplit(records, class_names, report); records are {'id': file stem, 'image_path',
     'label': index into class_names}.
   """
-  split = _canonical(split)
+  split = canonical_split(split)
   root = os.fspath(root)
   if not os.path.isdir(os.path.join(root, 'train')):
     raise DataError(f'No Tiny ImageNet train/ folder in {root}; point the dataset root at the '
@@ -135,23 +116,22 @@ def read_tiny_imagenet(root: str, split: str, *, wnids: Sequence[str] | str | No
         records.append({'id': os.path.splitext(name)[0],
                         'image_path': os.path.join(image_dir, name), 'label': labels[wnid]})
     on_disk = list_dir(image_dir)
-    records = drop_missing(records, lambda p: os.path.basename(p) in on_disk, report,
-                           what=f"Tiny ImageNet split 'test' ({image_dir})",
-                           skip_missing=skip_missing)
-    return _finish(records, class_names, report)
+    return finish_split(records, report, present=lambda p: os.path.basename(p) in on_disk,
+                        what=f"Tiny ImageNet split 'test' ({image_dir})",
+                        skip_missing=skip_missing, skip_flag=_SKIP_FLAG, class_names=class_names)
 
   for label, wnid in enumerate(wnids):
     image_dir = os.path.join(root, 'train', wnid, 'images')
     files = sorted((f for f in list_dir(image_dir) if _is_image(f)), key=_natural_key)
     if len(files) <= val_per_class:
       raise DataError(f'Tiny ImageNet class {wnid} has {len(files)} images in {image_dir}, not '
-                      f'more than val_per_class={val_per_class}; check the wnid list and the '
-                      f'download, or lower val_per_class.')
+                      f'more than --config.tiny_imagenet.val_per_class={val_per_class}; check '
+                      f'the wnid list and the download, or lower that value.')
     rest, val = files[:len(files) - val_per_class], files[len(files) - val_per_class:]
     chosen = rest[:train_per_class] if split == 'train' else val
     records.extend({'id': os.path.splitext(f)[0], 'image_path': os.path.join(image_dir, f),
                     'label': label} for f in chosen)
-  return _finish(records, class_names, report)
+  return finish_split(records, report, class_names=class_names)
 
 
 def _subdirs(folder: str) -> list[str]:
@@ -196,14 +176,12 @@ def read_image_folder(root: str, split: str, *, fractions: Sequence[float] = (0.
     names; records are {'id': '<class>/<relative path without extension>', 'image_path',
     'label'}.
   """
-  split = _canonical(split)
+  split = canonical_split(split)
   root = os.fspath(root)
   if not os.path.isdir(root):
     raise DataError(f'Image folder {root} does not exist or is not a folder; check the dataset '
                     f'root.')
-  if len(fractions) != len(SPLITS):
-    raise DataError(f'Split fractions {tuple(fractions)!r} need one share each for train, '
-                    f'validation and test; fix the config field split_fractions.')
+  check_fractions(fractions, _FRACTIONS_FLAG)
   folders = split_folders(root)
   class_names = _subdirs(folders['train'])
   if not class_names:
@@ -225,8 +203,8 @@ def read_image_folder(root: str, split: str, *, fractions: Sequence[float] = (0.
                       f'(one of {", ".join(IMAGE_EXTENSIONS)}) or remove the folder.')
     if source == folders['train']:
       shares = [fractions[SPLITS.index(s)] for s in carved]
-      files = split_by_fraction(files, shares, seed)[carved.index(split)]
+      files = split_by_fraction(files, shares, seed, flag=_FRACTIONS_FLAG)[carved.index(split)]
       files.sort(key=_natural_key)
     records.extend({'id': f'{name}/{os.path.splitext(f)[0]}',
                     'image_path': os.path.join(source, name, f), 'label': label} for f in files)
-  return _finish(records, class_names, report)
+  return finish_split(records, report, class_names=class_names)

@@ -5,7 +5,8 @@ training split's channel statistics) and return float32 logits B x num_classes. 
 BatchNorm, so applying them in training needs `mutable=['batch_stats']`; the train state
 keeps the statistics (`TrainState.batch_stats`).
 
-Presets are `functools.partial`s of the two classes, including tiny ones only tests use.
+Presets (`PRESETS`, by config name) are `functools.partial`s of the two classes, including tiny
+ones for tests and runlocal smoke runs.
 `SimpleCNN` is exactly the throughput benchmark's model (bench/torch_peer.py `simple_cnn`):
 4 stages x (conv3x3 no-bias -> BN -> ReLU) x 2 -> maxpool 2, widths 32/64/128/256, global
 average pool, dense. BatchNorm momentum 0.9 and epsilon 1e-5 are PyTorch's defaults

@@ -1,7 +1,8 @@
-"""Small CNNs trained from scratch: the caption encoder and the classifier.
+"""The small caption encoder trained from scratch: a patchify stem then 3x3 convs.
 
-Presets are `functools.partial`s of one module class, including tiny ones that
-only tests use.
+`CaptionEncoder` is the 'shapes_cnn' and 'cnn' encoders of `capjax.models.encoders`;
+`CaptionEncoderTiny`, a `functools.partial` of it, is 'tiny_cnn' (tests and runlocal smoke
+runs). The image classifiers are in `capjax.models.classifier`.
 """
 from __future__ import annotations
 

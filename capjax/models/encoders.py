@@ -38,6 +38,11 @@ KERAS_BACKBONES = {
 }
 SMALL_CNNS = ('shapes_cnn', 'cnn', 'tiny_cnn')
 NAMES = SMALL_CNNS + tuple(KERAS_BACKBONES)
+# The side each encoder is fed at on the real data sets (configs/caption.py's default
+# config.data.image_size): the small CNNs' 128 px (32 for the test-sized one), the Keras
+# backbones' own defaults.
+INPUT_SIZE = {'cnn': 128, 'shapes_cnn': 128, 'tiny_cnn': 32,
+              **{name: size for name, (_, _, size) in KERAS_BACKBONES.items()}}
 
 
 def build_encoder(model_config, dtype: Any = jnp.float32) -> nn.Module:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from capjax.data.errors import DataError
+from capjax.data.reading import DataError
 from capjax.models import resnet, xception
 
 _BASE_URL = 'https://storage.googleapis.com/tensorflow/keras-applications/'

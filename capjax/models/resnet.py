@@ -1,4 +1,5 @@
-"""ResNet50 v1 in the exact layout of `keras.applications.ResNet50`.
+"""ResNet50 v1 in the exact layout of `keras.applications.ResNet50` (and `ResNetTiny`, the same
+layout at a fraction of the size, for tests).
 
 Every layer with weights is a direct child of the module and carries its Keras layer name
 ('conv1_conv', 'conv2_block1_1_conv', 'conv2_block1_0_bn', ...), so a Flax param path maps 1:1 to a

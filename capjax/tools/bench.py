@@ -140,10 +140,11 @@ def main(config) -> list[dict]:
   every one), or the train step and input pipeline of any task config."""
   cfg = config.get('bench') or ml_collections.ConfigDict(BENCH_DEFAULTS)
   peak = cfg.peak_flops or measure_peak_flops()
-  if config.task != 'bench':
+  if config.task in tasks.NAMES:
     rows = config_rows(config, cfg, peak)
-  else:
-    names = TASKS if cfg.task == 'all' else tuple(cfg.task.split('+'))
+  else:  # configs/bench.py: bench.task names peer benchmarks, 'a+b' or 'all'.
+    requested = cfg.task
+    names = TASKS if requested == 'all' else tuple(requested.split('+'))
     rows = [run_task(name, cfg, peak) for name in names]
   for row in rows:
     print(json.dumps(row), flush=True)
