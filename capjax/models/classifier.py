@@ -33,25 +33,39 @@ ModuleDef = Any
 _CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-class CNN(nn.Module):
-  """Stages of `convs_per_stage` x (conv3x3 no-bias -> BN -> ReLU), each then maxpool 2.
-
-  Layer names: stage{s}_conv{j}, stage{s}_bn{j} (1-based), head.
-  """
+class _Classifier(nn.Module):
+  """What both classifiers share: BatchNorm settings, and the head (global average pool ->
+  dropout -> dense 'head' -> float32 logits)."""
   num_classes: int
-  widths: Sequence[int] = (32, 64, 128, 256)
-  convs_per_stage: int = 2
   dropout: float = 0.0
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
 
-  @nn.compact
-  def __call__(self, x_BxHxWxC: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+  def _norm(self, train: bool):
+    return functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              dtype=self.dtype)
+
+  def _head(self, x_BxHxWxC: jnp.ndarray, train: bool) -> jnp.ndarray:
+    x_BxD = jnp.mean(x_BxHxWxC, axis=(1, 2))
+    x_BxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxD)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x_BxD)
+    return logits.astype(jnp.float32)
+
+
+class CNN(_Classifier):
+  """Stages of `convs_per_stage` x (conv3x3 no-bias -> BN -> ReLU), each then maxpool 2.
+
+  Layer names: stage{s}_conv{j}, stage{s}_bn{j} (1-based), head.
+  """
+  widths: Sequence[int] = (32, 64, 128, 256)
+  convs_per_stage: int = 2
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    norm = self._norm(train)
     x = x_BxHxWxC.astype(self.dtype)
     for s, width in enumerate(self.widths, start=1):
       for j in range(1, self.convs_per_stage + 1):
@@ -59,13 +73,10 @@ class CNN(nn.Module):
                       kernel_init=_CONV_INIT, name=f'stage{s}_conv{j}')(x)
         x = nn.relu(norm(name=f'stage{s}_bn{j}')(x))
       x = layers.max_pool(x, (2, 2))  # nn.max_pool's equal, ~10x faster on XLA:CPU.
-    x_BxD = jnp.mean(x, axis=(1, 2))
-    x_BxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxD)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x_BxD)
-    return logits.astype(jnp.float32)
+    return self._head(x, train)
 
 
-class ResidualCNN(nn.Module):
+class ResidualCNN(_Classifier):
   """A ResNet of basic blocks sized for 32-64 pixel inputs.
 
   Stem: one conv3x3 with `stem_stride` (2 for 64x64 inputs: the first stage then runs at
@@ -77,24 +88,16 @@ class ResidualCNN(nn.Module):
   the identity (Goyal et al. 2017), which lets the deeper net train at a high learning rate
   from the first step.
   """
-  num_classes: int
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   widths: Sequence[int] = (32, 64, 128, 256)
   stem_width: int = 32
   stem_stride: int = 2
-  dropout: float = 0.0
-  bn_momentum: float = 0.9
-  bn_epsilon: float = 1e-5
-  dtype: Any = jnp.float32
-  conv: ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
                              kernel_init=_CONV_INIT)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             dtype=self.dtype)
+    norm = self._norm(train)
     x = x_BxHxWxC.astype(self.dtype)
     x = conv(self.stem_width, (3, 3), strides=self.stem_stride, padding='SAME', name='stem_conv')(x)
     x = nn.relu(norm(name='stem_bn')(x))
@@ -110,10 +113,7 @@ class ResidualCNN(nn.Module):
           x = conv(width, (1, 1), strides=stride, name=f'{p}_proj_conv')(x)
           x = norm(name=f'{p}_proj_bn')(x)
         x = nn.relu(x + y)
-    x_BxD = jnp.mean(x, axis=(1, 2))
-    x_BxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxD)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x_BxD)
-    return logits.astype(jnp.float32)
+    return self._head(x, train)
 
 
 # The benchmark's model (bench/torch_peer.py): 1,180,926 parameters with 30 classes.

@@ -18,30 +18,42 @@ import jax.numpy as jnp
 from capjax.models import lstm
 
 
-class InjectDecoder(nn.Module):
+class _Decoder(nn.Module):
+  """What every decoder has: the vocabulary, word embedding, LSTM width, dropout, the optional
+  LayerNorm of the image features, and the float32 word classifier 'out'."""
+  vocab_size: int
+  embed_dim: int = 128
+  hidden: int = 256
+  dropout: float = 0.0
+  feature_norm: bool = False  # LayerNorm the image features (see _feature_ln).
+  dtype: Any = jnp.float32
+
+  def _shared_setup(self):
+    self.feature_ln = _feature_ln(self.feature_norm, self.dtype)
+    self.embed = nn.Embed(self.vocab_size, self.embed_dim, name='embed')
+    self.drop = nn.Dropout(self.dropout)
+    self.out = nn.Dense(self.vocab_size, dtype=jnp.float32, name='out')
+
+  def _initial_state(self):
+    """The Dense layers that map the image to the LSTM's initial (h, c)."""
+    self.init_h = nn.Dense(self.hidden, dtype=self.dtype, name='init_h')
+    self.init_c = nn.Dense(self.hidden, dtype=self.dtype, name='init_c')
+
+
+class InjectDecoder(_Decoder):
   """Image feature -> LSTM initial state *and* step-0 input; words after that.
 
   `features` is the encoder's grid B x h x w x C (or B x C pooled). The grid is
   flattened, not averaged: which object is left of which lives in the positions.
   """
-  vocab_size: int
-  embed_dim: int = 128
-  hidden: int = 256
   pool: str = 'flatten'  # 'flatten' keeps layout; 'mean' for big pretrained grids.
   every_step: bool = False  # Also feed the image embedding with every word ("par-inject").
-  dropout: float = 0.0
-  feature_norm: bool = False  # LayerNorm the image features (see _feature_ln).
-  dtype: Any = jnp.float32
 
   def setup(self):
-    self.feature_ln = _feature_ln(self.feature_norm, self.dtype)
+    self._shared_setup()
+    self._initial_state()
     self.image_proj = nn.Dense(self.embed_dim, dtype=self.dtype, name='image_proj')
-    self.init_h = nn.Dense(self.hidden, dtype=self.dtype, name='init_h')
-    self.init_c = nn.Dense(self.hidden, dtype=self.dtype, name='init_c')
-    self.embed = nn.Embed(self.vocab_size, self.embed_dim, name='embed')
     self.lstm = lstm.LSTM(self.hidden, dtype=self.dtype, name='lstm')
-    self.drop = nn.Dropout(self.dropout)
-    self.out = nn.Dense(self.vocab_size, dtype=jnp.float32, name='out')
 
   def _image(self, features):
     b = features.shape[0]
@@ -101,7 +113,7 @@ def _pool(features):
   return features.reshape(features.shape[0], -1, features.shape[-1]).mean(1)
 
 
-class MergeDecoder(nn.Module):
+class MergeDecoder(_Decoder):
   """The "merge" architecture of the Keras seed (Tanti et al., 2018): the LSTM reads only words;
   the image vector joins the LSTM's output (added, or concatenated) before the word classifier.
 
@@ -109,24 +121,15 @@ class MergeDecoder(nn.Module):
   only re-weights its next-word guesses; the pooled (mean) feature is all it needs, so a frozen
   encoder's cache can store 2048-d vectors instead of grids.
   """
-  vocab_size: int
-  embed_dim: int = 128
-  hidden: int = 256
   merge: str = 'add'  # 'add' (the Keras seed) or 'concat'.
-  dropout: float = 0.0
-  feature_norm: bool = False
-  dtype: Any = jnp.float32
 
   def setup(self):
-    self.feature_ln = _feature_ln(self.feature_norm, self.dtype)
+    self._shared_setup()
     if self.merge not in ('add', 'concat'):
       raise ValueError(f"merge={self.merge!r} must be 'add' or 'concat'")
     self.image_proj = nn.Dense(self.hidden, dtype=self.dtype, name='image_proj')
-    self.embed = nn.Embed(self.vocab_size, self.embed_dim, name='embed')
     self.lstm = lstm.LSTM(self.hidden, dtype=self.dtype, name='lstm')
     self.mix = nn.Dense(self.hidden, dtype=self.dtype, name='mix')
-    self.drop = nn.Dropout(self.dropout)
-    self.out = nn.Dense(self.vocab_size, dtype=jnp.float32, name='out')
 
   def _image(self, features, train: bool):
     pooled = self.drop(self.feature_ln(_pool(features)), deterministic=not train)
@@ -236,36 +239,26 @@ class AttendStep(nn.Module):
     return alpha_BxN, context
 
 
-class AttentionDecoder(nn.Module):
+class AttentionDecoder(_Decoder):
   """Show, Attend and Tell over the encoder's h x w grid.
 
   Attention weights of every step are kept with `sow('intermediates', 'attention')`
   so that the doubly stochastic regulariser and the attention plots can read them.
   """
-  vocab_size: int
-  embed_dim: int = 128
-  hidden: int = 256
   attn_dim: int = 128
   score: str = 'additive'  # 'additive' (Bahdanau, as in the paper) or 'dot' (Luong).
   coverage: bool = False  # Scores also see each cell's attention so far (see AttendStep).
   query: str = 'previous'  # Which state attends: 'previous' (the paper) or 'current' (Luong).
-  dropout: float = 0.0
-  feature_norm: bool = False
-  dtype: Any = jnp.float32
 
   def setup(self):
-    self.feature_ln = _feature_ln(self.feature_norm, self.dtype)
+    self._shared_setup()
+    self._initial_state()
     self.keys = nn.Dense(self.attn_dim, dtype=self.dtype, name='keys')
     self.values = nn.Dense(self.hidden, dtype=self.dtype, name='values')
-    self.init_h = nn.Dense(self.hidden, dtype=self.dtype, name='init_h')
-    self.init_c = nn.Dense(self.hidden, dtype=self.dtype, name='init_c')
-    self.embed = nn.Embed(self.vocab_size, self.embed_dim, name='embed')
     if self.query not in ('previous', 'current'):
       raise ValueError(f"query={self.query!r} must be 'previous' or 'current'")
     self.cell = AttendStep(self.hidden, self.attn_dim, self.score, self.coverage, self.query,
                            self.dtype, name='attend')
-    self.drop = nn.Dropout(self.dropout)
-    self.out = nn.Dense(self.vocab_size, dtype=jnp.float32, name='out')
 
   def _memory(self, features):
     b, c = features.shape[0], features.shape[-1]
