@@ -90,7 +90,7 @@ def test_plot_bars_tolerates_missing_values(tmp_path):
 
 def test_plots_never_import_pyplot(tmp_path):
   # Without pyplot there is no global figure registry to leak into or backend to switch.
-  code = ('import sys; from capjax import plots; '
+  code = ('import sys; from capjax.tools import plots; '
           f"plots.plot_bars([{{'workdir': 'a', 'x': 1.0}}], ['x'], {str(tmp_path / 'b.png')!r}); "
           "print('matplotlib.pyplot' in sys.modules)")
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,

@@ -37,7 +37,7 @@ RULES = [
     choice_rule('model.conv', 'flax', 'layers'),
     Rule('optim.encoder_lr_scale', non_negative, 'a number >= 0 (0 freezes the encoder)'),
 ]
-# The widths and strides of the small CNNs' layers (tiny_cnn fixes its own).
+# The widths and strides of the small CNNs' layers.
 _SMALL_CNN_RULES = [
     Rule('model.widths', configlib.positive_ints,
          'a non-empty list of whole numbers > 0, e.g. (64, 64, 128)'),
@@ -57,11 +57,11 @@ def validate(config) -> None:
   configlib.check(config, RULES)
   m = config.model
   if m.encoder in PATCH_ENCODERS:
-    if m.encoder != 'tiny_cnn':  # tiny_cnn fixes its own widths and strides.
-      configlib.check(config, _SMALL_CNN_RULES)
-      if len(m.widths) != len(m.strides):
-        raise UserError(f'--config.model.widths has {len(m.widths)} entries and '
-                        f'--config.model.strides {len(m.strides)}; give one stride per width.')
+    # Checked for tiny_cnn too, though it fixes its own: a malformed value is a typo anyway.
+    configlib.check(config, _SMALL_CNN_RULES)
+    if len(m.widths) != len(m.strides):
+      raise UserError(f'--config.model.widths has {len(m.widths)} entries and '
+                      f'--config.model.strides {len(m.strides)}; give one stride per width.')
     field = image_size_field(config)
     size, patch = configlib.get(config, field), int(m.get('patch', 4))
     if configlib.whole(size) and size % patch:

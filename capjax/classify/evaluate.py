@@ -13,6 +13,7 @@ import time
 
 import jax
 import numpy as np
+import scipy.special
 from absl import logging
 
 from capjax.classify import pipeline as classify_pipeline
@@ -35,20 +36,10 @@ def validation_metrics(state, dataset, mesh, flip_average: bool = False) -> dict
           'top5_accuracy': totals['top5_sum'] / count}
 
 
-def _shifted(logits_NxC: np.ndarray) -> np.ndarray:
-  return logits_NxC - logits_NxC.max(axis=1, keepdims=True)
-
-
 def softmax(logits_NxC: np.ndarray) -> np.ndarray:
   """Probabilities in float64: ROC needs them, and float32 rounds the smallest to 0, which
   would tie many examples at the low end of each class's curve."""
-  exp = np.exp(_shifted(np.asarray(logits_NxC, np.float64)))
-  return exp / exp.sum(axis=1, keepdims=True)
-
-
-def log_softmax(logits_NxC: np.ndarray) -> np.ndarray:
-  shifted = _shifted(np.asarray(logits_NxC, np.float64))
-  return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+  return scipy.special.softmax(np.asarray(logits_NxC, np.float64), axis=1)
 
 
 def predict_probs(state, dataset, mesh, flip_average: bool = False
@@ -77,7 +68,7 @@ def evaluate(state, source, class_names, *, config, workdir: str, split: str,
   probs_NxC, labels_N, logits_NxC = predict_probs(state, dataset, mesh,
                                                    bool(config.eval.get('flip_average')))
   results = cls_metrics.classification_report(probs_NxC, labels_N, class_names)
-  log_probs = log_softmax(logits_NxC)
+  log_probs = scipy.special.log_softmax(logits_NxC, axis=1)
   results['loss'] = float(-log_probs[np.arange(len(labels_N)), labels_N].mean())
   results.update({'split': split, 'dataset': config.dataset,
                   'eval_time_s': time.perf_counter() - t0})
