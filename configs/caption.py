@@ -121,7 +121,7 @@ def _shapes_defaults(c) -> None:
   # Coverage and no doubly stochastic penalty (which pulls attention onto the background) stop
   # the first object named in two-object scenes taking the other one's colour or shape.
   c.model.update(coverage=True, attention_reg=0.0)
-  # <start> + the grammar's longest caption (17 words; tests/test_shapes.py checks it)
+  # <start> + the grammar's longest caption (17 words; tests/data/test_shapes.py checks it)
   # + <end>: no scan step is spent on padding every caption has.
   c.data.caption_length = 19
   # Batch 32 at twice the steps beat batch 64 in equal time; 1,800 steps keep the whole command

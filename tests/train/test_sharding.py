@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+import reliability_helpers as rh
+
 SCRIPT = textwrap.dedent('''
     import functools
     import jax, jax.numpy as jnp, numpy as np, optax
@@ -46,6 +48,6 @@ def test_four_device_data_parallel_step_equals_one_device_step():
              JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', SCRIPT], env=env, capture_output=True,
                        text=True, timeout=600,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                       cwd=rh.ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'SHARDED_OK' in out.stdout

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import reliability_helpers as rh
 from capjax.tools import compare
 from capjax.tools import plots
 from capjax.metrics import classification as cls
@@ -94,7 +95,7 @@ def test_plots_never_import_pyplot(tmp_path):
           f"plots.plot_bars([{{'workdir': 'a', 'x': 1.0}}], ['x'], {str(tmp_path / 'b.png')!r}); "
           "print('matplotlib.pyplot' in sys.modules)")
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(__file__)), check=True)
+                          cwd=rh.ROOT, check=True)
   assert result.stdout.strip() == 'False'
 
 
@@ -177,6 +178,6 @@ def test_compare_cli_prints_table_and_reports_errors_without_traceback(tmp_path)
   assert os.path.exists(prefix + '.md') and os.path.exists(prefix + '.png')
   result = subprocess.run([sys.executable, '-m', 'capjax.tools.compare', f'--out={prefix}',
                            str(tmp_path / 'nope')], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(__file__)))
+                          cwd=rh.ROOT)
   assert result.returncode == 2
   assert 'eval.json does not exist' in result.stderr and 'Traceback' not in result.stderr

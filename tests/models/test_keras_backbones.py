@@ -4,7 +4,7 @@ The layer-name lists below were printed from Keras 3.15.1 (`[l.name for l in
 keras.applications.ResNet50(include_top=False, weights=None).layers if l.weights]`, likewise for
 Xception); their order is the order Keras loads .h5 files in. Parameter counts are Keras's
 trainable / non-trainable totals for the notop models. Numerical agreement with Keras itself is
-checked by tests/keras_reference_check.py (needs TensorFlow, so not part of this suite).
+checked by tests/scripts/keras_reference_check.py (needs TensorFlow, so not part of this suite).
 """
 import functools
 
