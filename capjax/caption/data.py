@@ -18,10 +18,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from capjax.data import caption_tfds, features, loading, shapes_tfds
 from capjax.caption import pipeline
+from capjax.data import caption_tfds, features, loading, shapes_tfds
 from capjax.data.tokenizer import Vocabulary
 from capjax.tasks import Splits
+
 
 @dataclasses.dataclass
 class SplitInputs:

@@ -12,17 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from capjax.caption import decoding
-from capjax.data import shapes
-from capjax.runtime import distributed
-from capjax.data import loading
+from capjax.caption import decoding, steps
+from capjax.caption.data import SplitInputs
+from capjax.data import loading, shapes
 from capjax.data.tokenizer import Vocabulary
 from capjax.metrics.caption import caption_metrics, cosine_similarity
-from capjax.caption.data import SplitInputs
+from capjax.runtime import distributed
 from capjax.train import sharding
 from capjax.train import state as state_lib
 from capjax.train.evaluation import batch_sums
-from capjax.caption import steps
 
 _eval_step = jax.jit(steps.caption_eval_step)
 

@@ -1,4 +1,5 @@
-"""Captioning's grain pipelines: shuffle, pick/tokenise captions, decode/flip images, batch, shard per process.
+"""Captioning's grain pipelines: shuffle, pick/tokenise captions, decode/flip images, batch,
+shard per process.
 
 Random-access `MapDataset`s all the way to the batch, so the iterator state is one
 integer and a restored run sees exactly the batches it would have seen.

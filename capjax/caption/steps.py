@@ -39,8 +39,9 @@ def _caption_step(state: TrainState, batch: dict, rng: jax.Array, attention_reg:
   def loss_fn(params):
     inputs = batch['features'] if from_features else batch['image']
     logits, updates = state.apply_fn(
-        state_lib.variables(state, params), inputs, tokens, train=True, rngs={'dropout': dropout_rng},
-        mutable=mutable, method='decode' if from_features else None)
+        state_lib.variables(state, params), inputs, tokens, train=True,
+        rngs={'dropout': dropout_rng}, mutable=mutable,
+        method='decode' if from_features else None)
     ce, correct, count = masked_token_stats(logits, targets)
     count = jnp.maximum(count, 1.0)
     loss = ce / count

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from capjax import tasks
 from capjax.caption import data, pipeline, steps
 from capjax.caption import evaluate as evaluation
 from capjax.caption import predict as prediction
@@ -33,7 +34,6 @@ from capjax.data import features, loading
 from capjax.data.tokenizer import Vocabulary
 from capjax.models import decoder, encoders, keras_weights
 from capjax.models.captioner import Captioner
-from capjax import tasks
 from capjax.tasks import Splits
 from capjax.train import checkpoint, loop, sharding
 from capjax.train import state as state_lib

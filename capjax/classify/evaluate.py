@@ -17,10 +17,10 @@ import scipy.special
 from absl import logging
 
 from capjax.classify import pipeline as classify_pipeline
+from capjax.classify import steps as classify_steps
 from capjax.metrics import classification as cls_metrics
 from capjax.train import sharding
 from capjax.train.evaluation import batch_sums
-from capjax.classify import steps as classify_steps
 
 _eval_step = jax.jit(classify_steps.classify_eval_step, static_argnames='flip_average')
 _logits = jax.jit(classify_steps.classify_logits, static_argnames='flip_average')

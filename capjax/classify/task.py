@@ -15,16 +15,15 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from capjax import tasks
 from capjax.classify import data, pipeline, steps
 from capjax.classify import evaluate as evaluation
 from capjax.classify import predict as prediction
 from capjax.classify.bench import BUILDERS as BENCH
-from capjax.classify.config import validate
+from capjax.classify.config import OVERRIDES, validate
 from capjax.classify.data import load_splits
-from capjax.classify.config import OVERRIDES
 from capjax.errors import UserError
 from capjax.models import classifier, layers
-from capjax import tasks
 from capjax.tasks import Splits
 from capjax.train import checkpoint, loop, sharding
 from capjax.train.optim import make_optimizer

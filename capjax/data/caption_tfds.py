@@ -29,7 +29,7 @@ from absl import logging
 
 from capjax.data import coco, flickr8k, own_captions
 from capjax.data.images import load_image
-from capjax.data.reading import SPLITS, CaptionSplit, DataError
+from capjax.data.reading import CaptionSplit, DataError, SPLITS
 
 DATASETS = ('flickr8k', 'coco', 'own')
 

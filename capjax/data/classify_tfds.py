@@ -29,7 +29,7 @@ from absl import logging
 
 from capjax.data import classify_world, generate, tiny_imagenet
 from capjax.data.images import load_image
-from capjax.data.reading import SPLITS, DataError
+from capjax.data.reading import DataError, SPLITS
 
 
 def _image_features(image_size: int, class_names) -> tfds.features.FeaturesDict:

@@ -6,8 +6,8 @@ import os
 
 import jax
 
-from capjax.train import logs
 from capjax.errors import UserError
+from capjax.train import logs
 
 # The training curves' figure: loss and the task's accuracy, train vs validation, over steps.
 # (Workdirs written before 2026-12 named it loss_curve.png for captioning.)

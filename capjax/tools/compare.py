@@ -15,8 +15,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from capjax.tools import plots
 from capjax.errors import UserError
+from capjax.tools import plots
 
 INFO_COLUMNS = ('workdir', 'task', 'dataset', 'model', 'num_params', 'train_time_s')
 TASK_METRICS = {

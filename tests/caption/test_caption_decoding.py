@@ -7,14 +7,13 @@ import numpy as np
 import optax
 import pytest
 
+from capjax.caption import decoding, steps
 from capjax.caption import evaluate as caption_eval
-from capjax.caption import decoding
-from capjax.errors import UserError
 from capjax.data.tokenizer import Vocabulary
+from capjax.errors import UserError
 from capjax.models import cnn, decoder
 from capjax.models.captioner import Captioner
 from capjax.train import state as state_lib
-from capjax.caption import steps
 
 V, L = 11, 9
 

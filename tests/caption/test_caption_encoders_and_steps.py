@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 import reliability_helpers as rh
+from capjax.caption import steps
 from capjax.caption import task as caption_task
 from capjax.models import cnn, decoder, encoders, keras_weights
 from capjax.models.captioner import Captioner
 from capjax.train import state as state_lib
-from capjax.caption import steps
 from capjax.train.optim import make_optimizer
 
 V, L = 11, 7

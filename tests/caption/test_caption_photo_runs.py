@@ -19,9 +19,9 @@ import fixture_layouts as fx
 import reliability_helpers as rh
 from capjax import run
 from capjax.caption import task as caption_task
-from capjax.tools import compare
 from capjax.data import features
 from capjax.models import encoders, keras_weights
+from capjax.tools import compare
 
 NAMES = fx.flickr_names(14)
 

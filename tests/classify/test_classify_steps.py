@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from capjax.models import classifier
 from capjax.classify import steps as classify_steps
+from capjax.models import classifier
 from capjax.train import state as state_lib
 
 

@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 
 import fixture_layouts as fx
-from capjax.data import caption_tfds, features
 from capjax.caption import pipeline
-from capjax.data import loading
+from capjax.data import caption_tfds, features, loading
 from capjax.data.reading import DataError
 
 NAMES = fx.flickr_names(6)

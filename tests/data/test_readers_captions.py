@@ -8,7 +8,7 @@ import fixture_layouts as fx
 from capjax.data.coco import read_coco
 from capjax.data.flickr8k import detect_layout, kaggle_split_names, read_flickr8k
 from capjax.data.own_captions import read_own_captions
-from capjax.data.reading import DataError, canonical_split, split_by_fraction
+from capjax.data.reading import canonical_split, DataError, split_by_fraction
 
 NAMES = fx.flickr_names(7)
 TRAIN, DEV, TEST = NAMES[:4], NAMES[4:6], NAMES[6:]

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from capjax.data.tokenizer import Vocabulary, normalize
+from capjax.data.tokenizer import normalize, Vocabulary
 
 
 def test_normalize_lowercases_and_strips_punctuation():

@@ -11,9 +11,8 @@ import ml_collections
 import pytest
 
 import reliability_helpers as rh
+from capjax.runtime import host_memory, xla_flags
 from capjax.tools import bench
-from capjax.runtime import host_memory
-from capjax.runtime import xla_flags
 from capjax.tools.flops import model_flops
 
 

@@ -10,9 +10,8 @@ from PIL import Image
 import pytest
 
 import reliability_helpers as rh
-from capjax.tools import compare
-from capjax.tools import plots
 from capjax.metrics import classification as cls
+from capjax.tools import compare, plots
 
 
 def _png_size(path):
