@@ -4,13 +4,20 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Mapping
 
 import jax
 from absl import logging
 
 
 class MetricWriter:
-  """Appends {'step', 'split', **metrics} rows; only process 0 writes."""
+  """Appends {'step', 'split', **metrics} rows to metrics.jsonl and TensorBoard; only process 0
+  writes.
+
+  The interface is clu's `metric_writers.MetricWriter` (`write_scalars`, `flush`, `close`), so
+  swapping in clu stays cheap; clu itself is not used because clu 0.0.12 (the newest release)
+  imports TensorFlow in `clu.metric_writers` (`metric_writers/tf/summary_writer.py`).
+  """
 
   def __init__(self, workdir: str):
     self.active = jax.process_index() == 0
@@ -21,18 +28,32 @@ class MetricWriter:
       from tensorboardX import SummaryWriter  # Light, TF-free event writer.
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
-  def write(self, step: int, split: str, metrics: dict) -> None:
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    """`scalars` are named '<split>/<metric>' (TensorBoard's tags); metrics.jsonl gets one row
+    per split."""
     if not self.active:
       return
-    row = {'step': int(step), 'split': split, **{k: float(v) for k, v in metrics.items()}}
+    rows = {}
+    for tag, value in scalars.items():
+      split, _, name = tag.partition('/')
+      rows.setdefault(split, {'step': int(step), 'split': split})[name] = float(value)
     with open(self.path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
-    for k, v in metrics.items():
-      self._tb.add_scalar(f'{split}/{k}', float(v), int(step))
+      f.writelines(json.dumps(row) + '\n' for row in rows.values())
+    for tag, value in scalars.items():
+      self._tb.add_scalar(tag, float(value), int(step))
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def tagged(split: str, metrics: Mapping[str, float]) -> dict:
+  """{'<split>/<name>': value}: the scalars of one split for `MetricWriter.write_scalars`."""
+  return {f'{split}/{k}': v for k, v in metrics.items()}
 
 
 def _end_partial_line(path: str) -> None:

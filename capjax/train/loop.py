@@ -2,6 +2,12 @@
 
 Startup order: the newest readable checkpoint in workdir, else a fresh init.
 
+`train` runs a `Trainer` through its steps -- restore, compile, then per step: dispatch,
+report, validate, hooks, save -- each a method of its own. A hook (`hooks=` or the
+process-wide `HOOKS`) is a callable `hook(trainer)` run after every step, before the stop check
+and the checkpoint save: the place for something a run must do around its steps (a profiler,
+a test's pause before it kills the run) without editing the loop.
+
 What makes a run safe to kill and restart:
   * Exact resume. A checkpoint holds the train state and the data iterator's position; the
     batches are a pure function of (seed, position) and dropout of (seed, state.step), so a
@@ -18,10 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import signal
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import grain
 import jax
@@ -29,18 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from capjax.runtime import distributed
 from capjax.data import loading
 from capjax.errors import UserError
+from capjax.runtime import distributed
 from capjax.train import checkpoint, logs, sharding
 from capjax.train import state as state_lib
 from capjax.train.optim import make_optimizer
 
-NAN_POLICIES = ('stop', 'skip')
-# Fault-injection hook for the kill/resume tests: with CAPJAX_PAUSE_AT_STEP=N set, the loop
-# waits after dispatching step N (with every save finished) until a signal arrives, so a test
-# can SIGKILL or SIGTERM the run at a step of its choosing instead of racing a fast loop.
-PAUSE_ENV = 'CAPJAX_PAUSE_AT_STEP'
+# Hooks every run in this process calls after its own (see `train`); tests install theirs here.
+HOOKS: list[Callable[['Trainer'], None]] = []
 
 
 class TrainingDiverged(UserError):
@@ -155,128 +157,165 @@ def _replicated_scalars(values: dict, mesh) -> dict:
           for k, v in values.items()}
 
 
-def _pause_for_tests(step: int, stop: _StopFlag, mngr) -> None:
-  if os.environ.get(PAUSE_ENV) != str(step):
-    return
-  mngr.wait_until_finished()
-  logging.warning('Paused after step %d because %s is set; waiting for a signal.', step,
-                  PAUSE_ENV)
-  while stop.raised is None:
-    time.sleep(0.05)
+class Trainer:
+  """One run of a Job: its state and everything the loop's steps read and change."""
 
+  def __init__(self, job: Job, config, workdir: str):
+    self.job, self.cfg, self.workdir = job, config.train, workdir
+    self.nan_policy = self.cfg.get('nan_policy', 'stop')
+    self.mesh = sharding.make_mesh()
+    sharding.check_batch_size(self.cfg.batch_size, self.mesh, 'config.train.batch_size')
+    init_rng, self.step_rng = jax.random.split(jax.random.key(config.seed))
+    self.state = self._fresh_state(make_optimizer(config.optim, job.total_steps), init_rng)
+    self.checkpoints = checkpoint.manager(workdir, keep=self.cfg.keep_checkpoints,
+                                          cleanup_tmp=True)
+    self.iterator = loading.iterate(job.train_data, num_threads=config.data.num_threads)
+    self.step, self.train_time, nonfinite = self._restore()
+    self.health = _replicated_scalars(
+        {'step': self.step, 'nonfinite': nonfinite, 'first_bad': -1}, self.mesh)
+    self.step_fn = self._compile()
+    self.writer = logs.MetricWriter(workdir)
+    self.progress = logs.Progress(self.step, job.total_steps)
+    self.pending = None  # (step, metrics, health) of a log step, read one step later.
+    self.stop: Optional[_StopFlag] = None
+    self._t0 = time.perf_counter()
 
-def train(job: Job, config, workdir: str) -> Outcome:
-  """Trains `job.model` for `job.total_steps`, resuming from `workdir` if it can."""
-  cfg = config.train
-  nan_policy = cfg.get('nan_policy', 'stop')
-  if nan_policy not in NAN_POLICIES:
-    raise UserError(f'config.train.nan_policy={nan_policy!r} is unknown; use one of '
-                    f'{", ".join(NAN_POLICIES)}.')
-  mesh = sharding.make_mesh()
-  sharding.check_batch_size(cfg.batch_size, mesh, 'config.train.batch_size')
-  tx = make_optimizer(config.optim, job.total_steps)
-  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  state = state_lib.create(job.model, tx, init_rng, *job.sample_inputs,
-                           mesh_shardings=sharding.replicated(mesh))
-  # A fresh state's step is a weakly typed 0, a restored one is strongly typed; making them
-  # alike gives a resumed run the very program of a fresh one (and its compilation cache hit).
-  state = state.replace(step=jnp.asarray(state.step, jnp.int32))
-  logging.info('Model has %s parameters on %d device(s) in %d process(es).',
-               f'{state_lib.num_params(state):,}', mesh.size, jax.process_count())
+  def _fresh_state(self, tx, rng):
+    state = state_lib.create(self.job.model, tx, rng, *self.job.sample_inputs,
+                             mesh_shardings=sharding.replicated(self.mesh))
+    # A fresh state's step is a weakly typed 0, a restored one is strongly typed; making them
+    # alike gives a resumed run the very program of a fresh one (and its compilation cache hit).
+    state = state.replace(step=jnp.asarray(state.step, jnp.int32))
+    logging.info('Model has %s parameters on %d device(s) in %d process(es).',
+                 f'{state_lib.num_params(state):,}', self.mesh.size, jax.process_count())
+    return state
 
-  mngr = checkpoint.manager(workdir, keep=cfg.keep_checkpoints, cleanup_tmp=True)
-  iterator = loading.iterate(job.train_data, num_threads=config.data.num_threads)
-  start_step, train_time, data_state = 0, 0.0, {}
-  restored = checkpoint.restore_latest(mngr, state, set_aside=True)
-  if restored is not None:
-    state, data_state, start_step = restored
-    iterator.set_state(data_state['iterator'])
-    train_time = float(data_state.get('train_time_s', 0.0))
+  def _restore(self) -> tuple[int, float, int]:
+    """Resumes from the newest readable checkpoint, if any: (step, train time, non-finite
+    steps so far)."""
+    restored = checkpoint.restore_latest(self.checkpoints, self.state, set_aside=True)
+    data_state = {} if restored is None else restored[1]
+    self.guard = _Health(self.nan_policy, int(data_state.get('nonfinite_steps', 0)),
+                         self.checkpoints.directory)
+    if restored is None:
+      return 0, 0.0, self.guard.reported
+    self.state, _, step = restored
+    self.iterator.set_state(data_state['iterator'])
     if data_state.get('process_count', jax.process_count()) != jax.process_count():
       logging.warning('The checkpoint was written by %d processes and this run has %d: '
                       'each process now reads a different slice, so the data order differs '
                       'from an uninterrupted run.', data_state['process_count'],
                       jax.process_count())
-    logging.info('Resumed from the checkpoint at step %d in %s.', start_step, workdir)
-  guard = _Health(nan_policy, int(data_state.get('nonfinite_steps', 0)), mngr.directory)
-  guard.latest_good = start_step if restored is not None else None
+    logging.info('Resumed from the checkpoint at step %d in %s.', step, self.workdir)
+    self.guard.latest_good = step
+    return step, float(data_state.get('train_time_s', 0.0)), self.guard.reported
 
-  state_sh = sharding.replicated(mesh)(state)
-  health = _replicated_scalars(
-      {'step': start_step, 'nonfinite': guard.reported, 'first_bad': -1}, mesh)
-  health_sh = sharding.replicated(mesh)(health)
-  step_fn = jax.jit(functools.partial(guarded_step, job.train_step, nan_policy=nan_policy),
-                    in_shardings=(state_sh, health_sh, sharding.batch_sharding(mesh), None),
-                    out_shardings=(state_sh, health_sh, None),
-                    donate_argnums=0)  # Not `health`: the pending report still reads it.
-  writer = logs.MetricWriter(workdir)
-  progress = logs.Progress(start_step, job.total_steps)
+  def _compile(self) -> Callable:
+    state_sh = sharding.replicated(self.mesh)(self.state)
+    health_sh = sharding.replicated(self.mesh)(self.health)
+    return jax.jit(functools.partial(guarded_step, self.job.train_step,
+                                     nan_policy=self.nan_policy),
+                   in_shardings=(state_sh, health_sh, sharding.batch_sharding(self.mesh), None),
+                   out_shardings=(state_sh, health_sh, None),
+                   donate_argnums=0)  # Not `health`: the pending report still reads it.
 
-  def report(step, metrics, health):
+  def dispatch(self) -> None:
+    """Queues one train step; then reports the previous log step, whose metrics are ready
+    by now, so the device never waits for the host."""
+    batch = sharding.put_batch(next(self.iterator), self.mesh)
+    self.state, self.health, metrics = self.step_fn(self.state, self.health, batch,
+                                                    self.step_rng)
+    self.step += 1
+    self.report_pending()
+    if self.step % self.cfg.log_every == 0 or self.step == self.job.total_steps:
+      self.pending = (self.step, metrics, self.health)
+
+  def report_pending(self) -> None:
+    if self.pending is None:
+      return
+    step, metrics, health = self.pending
+    self.pending = None
     if distributed.is_main():
-      logs.log_progress(progress, step, metrics)
-    writer.write(step, 'train', metrics)
-    guard.check(health)
+      logs.log_progress(self.progress, step, metrics)
+    self.writer.write_scalars(step, logs.tagged('train', metrics))
+    self.guard.check(health)
 
-  def save(step, health):
-    nonlocal train_time, t0
-    guard.check(health)  # Never save a state from after a non-finite step under 'stop'.
-    train_time += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    checkpoint.save(mngr, step, state, {
-        'iterator': iterator.get_state(), 'train_time_s': train_time,
-        'nonfinite_steps': int(jax.device_get(health['nonfinite'])),
+  def validate_if_due(self) -> None:
+    every = self.cfg.eval_every
+    if self.job.validate is None or not every or (
+        self.step % every and self.step != self.job.total_steps):
+      return
+    self.guard.check(self.health)
+    self.writer.write_scalars(self.step, logs.tagged('validation', self.job.validate(self.state)))
+
+  def stopping(self) -> bool:
+    """Whether a stop signal arrived. Processes must agree on stopping (saving is collective);
+    with several of them the flags are combined only at log steps, which costs one tiny
+    all-gather there."""
+    if jax.process_count() == 1:
+      return self.stop.raised is not None
+    return self.step % self.cfg.log_every == 0 and distributed.any_process(
+        self.stop.raised is not None)
+
+  def checkpoint_due(self) -> bool:
+    return self.step % self.cfg.checkpoint_every == 0 or self.step == self.job.total_steps
+
+  def save(self) -> None:
+    self.guard.check(self.health)  # Never save a state from after a non-finite step ('stop').
+    self.tally_time()
+    checkpoint.save(self.checkpoints, self.step, self.state, {
+        'iterator': self.iterator.get_state(), 'train_time_s': self.train_time,
+        'nonfinite_steps': int(jax.device_get(self.health['nonfinite'])),
         'process_count': jax.process_count()})
-    guard.latest_good = step
+    self.guard.latest_good = self.step
 
-  step, pending, interrupted = start_step, None, False
-  t0 = time.perf_counter()
+  def tally_time(self) -> None:
+    """Adds the time since the last call to the run's training time."""
+    now = time.perf_counter()
+    self.train_time += now - self._t0
+    self._t0 = now
+
+  def close(self) -> None:
+    # Also on errors: let a save in flight complete rather than leave it half-written.
+    self.checkpoints.wait_until_finished()
+    self.checkpoints.close()
+    self.writer.close()
+
+
+def train(job: Job, config, workdir: str, hooks: Sequence[Callable[[Trainer], None]] = ()
+          ) -> Outcome:
+  """Trains `job.model` for `job.total_steps`, resuming from `workdir` if it can; calls each
+  of `hooks` (then `HOOKS`) with the Trainer after every step."""
+  trainer = Trainer(job, config, workdir)
+  hooks = (*hooks, *HOOKS)
+  interrupted = False
   try:
     with _StopFlag() as stop:
-      while step < job.total_steps:
-        batch = sharding.put_batch(next(iterator), mesh)
-        state, health, metrics = step_fn(state, health, batch, step_rng)
-        step += 1
-        # Read the previous step's metrics only now that this step is queued, so
-        # the device never waits for the host.
-        if pending is not None:
-          report(*pending)
-          pending = None
-        if step % cfg.log_every == 0 or step == job.total_steps:
-          pending = (step, metrics, health)
-        if job.validate is not None and cfg.eval_every and (
-            step % cfg.eval_every == 0 or step == job.total_steps):
-          guard.check(health)
-          writer.write(step, 'validation', job.validate(state))
-        _pause_for_tests(step, stop, mngr)
-        # Processes must agree on stopping (saving is collective); with several of them the
-        # flags are combined only at log steps, which costs one tiny all-gather there.
-        stopping = (stop.raised is not None if jax.process_count() == 1 else
-                    step % cfg.log_every == 0 and distributed.any_process(
-                        stop.raised is not None))
-        if step % cfg.checkpoint_every == 0 or step == job.total_steps or stopping:
-          save(step, health)
+      trainer.stop = stop
+      while trainer.step < job.total_steps:
+        trainer.dispatch()
+        trainer.validate_if_due()
+        for hook in hooks:
+          hook(trainer)
+        stopping = trainer.stopping()
+        if trainer.checkpoint_due() or stopping:
+          trainer.save()
         if stopping:
           logging.warning('Got %s at step %d: checkpoint saved; re-run the same command '
                           'to resume.', stop.raised or 'a stop signal on another process',
-                          step)
+                          trainer.step)
           interrupted = True
           break
-      if pending is not None:
-        report(*pending)
-      train_time += time.perf_counter() - t0
+      trainer.report_pending()
+      trainer.tally_time()
   finally:
-    # Also on errors: let a save in flight complete rather than leave it half-written.
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
-  return Outcome(state, step, train_time, interrupted)
+    trainer.close()
+  return Outcome(trainer.state, trainer.step, trainer.train_time, interrupted)
 
 
 def total_steps(config, train_size: int) -> int:
-  """The run's length in steps: config.train.steps, or epochs converted once here."""
+  """The run's length in steps: config.train.steps, or epochs converted once here (the
+  config rules make sure one of them is > 0)."""
   if config.train.get('epochs'):
     return max(1, int(config.train.epochs * train_size // config.train.batch_size))
-  if config.train.steps <= 0:
-    raise UserError(f'config.train.steps={config.train.steps} must be positive.')
   return int(config.train.steps)

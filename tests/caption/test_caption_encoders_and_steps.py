@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-import reliability_helpers as rh
+from helpers import runs as rh
 from capjax.caption import steps
 from capjax.caption import task as caption_task
 from capjax.models import cnn, decoder, encoders, keras_weights

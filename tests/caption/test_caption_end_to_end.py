@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import reliability_helpers as rh
+from helpers import runs as rh
 from capjax import run
 from capjax.train import logs
 

@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-import fixture_layouts as fx
-import reliability_helpers as rh
+from helpers import layouts as fx
+from helpers import runs as rh
 from capjax import run
 from capjax.caption import task as caption_task
 from capjax.data import features

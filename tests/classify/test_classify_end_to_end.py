@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-import fixture_layouts as fx
+from helpers import layouts as fx
 from capjax import run
 from capjax.classify import task as classify_task
 from capjax.tools import compare

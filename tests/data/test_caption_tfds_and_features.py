@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-import fixture_layouts as fx
+from helpers import layouts as fx
 from capjax.caption import pipeline
 from capjax.data import caption_tfds, features, loading
 from capjax.data.reading import DataError

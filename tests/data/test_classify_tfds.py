@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import fixture_layouts as fx
+from helpers import layouts as fx
 from capjax.data import classify_tfds, classify_world
 from capjax.data.reading import DataError
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-import fixture_layouts as fx
+from helpers import layouts as fx
 from capjax.data.coco import read_coco
 from capjax.data.flickr8k import detect_layout, kaggle_split_names, read_flickr8k
 from capjax.data.own_captions import read_own_captions

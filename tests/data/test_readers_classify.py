@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-import fixture_layouts as fx
+from helpers import layouts as fx
 from capjax.data.images import load_image
 from capjax.data.reading import DataError
 from capjax.data.tiny_imagenet import read_image_folder, read_tiny_imagenet

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-import reliability_helpers as rh
+from helpers import runs as rh
 from capjax.data import generate, shapes
 
 

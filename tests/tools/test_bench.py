@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-import reliability_helpers as rh
+from helpers import runs as rh
 from capjax.runtime import host_memory, xla_flags
 from capjax.tools import bench
 from capjax.tools.flops import model_flops

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-import reliability_helpers as rh
+from helpers import runs as rh
 from capjax.metrics import classification as cls
 from capjax.tools import compare, plots
 

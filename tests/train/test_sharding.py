@@ -4,7 +4,7 @@ import subprocess
 import sys
 import textwrap
 
-import reliability_helpers as rh
+from helpers import runs as rh
 
 SCRIPT = textwrap.dedent('''
     import functools

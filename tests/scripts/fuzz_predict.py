@@ -1,6 +1,6 @@
 """Fuzzes `--mode=predict` with randomly damaged image files; not collected by pytest.
 
-  .venv/bin/python tests/fuzz_predict.py [--n=240] [--seed=0] [--keep=DIR]
+  .venv/bin/python tests/scripts/fuzz_predict.py [--n=240] [--seed=0] [--keep=DIR]
 
 Valid images in many encodings (JPEG baseline/progressive/EXIF-rotated/CMYK, PNG RGB/RGBA/grey/
 palette/16-bit, GIF, BMP, TIFF, WebP) are damaged at random -- bit flips, truncation, a wrong or
@@ -25,10 +25,10 @@ import zlib
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_TESTS, os.path.dirname(_TESTS)]  # helpers, and the repository root
 
-import reliability_helpers as rh  # noqa: E402
+from helpers import runs as rh  # noqa: E402
 from capjax import run  # noqa: E402
 from capjax.data.images import load_image  # noqa: E402
 from capjax.data.reading import DataError  # noqa: E402

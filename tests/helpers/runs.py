@@ -1,8 +1,5 @@
-"""Shared by the reliability tests: run launch.py in a subprocess and read a workdir back.
-
-Not collected by pytest (no test_ prefix); imported by tests/test_reliability_*.py and
-tests/test_multiprocess.py.
-"""
+"""Starting runs and reading them back: launch.py in a subprocess (optionally paused at a
+step), the runlocal shapes data, a predict workdir, and a workdir's checkpoints and metrics."""
 from __future__ import annotations
 
 import json
@@ -13,7 +10,8 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PAUSED_LAUNCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'paused_launch.py')
 
 
 def load_config(name: str, arg: str | None = None):
@@ -48,11 +46,15 @@ def env(cache_dir: str | None = None, **extra) -> dict:
   return out
 
 
-def launch(args, env_vars: dict, log_path: str) -> subprocess.Popen:
-  """Starts `python launch.py *args` with stdout+stderr going to `log_path`."""
+def launch(args, env_vars: dict, log_path: str, pause_after: int | None = None
+           ) -> subprocess.Popen:
+  """Starts `python launch.py *args` with stdout+stderr going to `log_path`; with
+  `pause_after`, its loop waits after that step for a signal (helpers/paused_launch.py)."""
   log = open(log_path, 'w')
-  return subprocess.Popen([sys.executable, os.path.join(ROOT, 'launch.py'), *args], cwd=ROOT,
-                          env=env_vars, stdout=log, stderr=subprocess.STDOUT)
+  program = ([os.path.join(ROOT, 'launch.py')] if pause_after is None else
+             [PAUSED_LAUNCH, str(pause_after)])
+  return subprocess.Popen([sys.executable, *program, *args], cwd=ROOT, env=env_vars,
+                          stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait_for_line(proc: subprocess.Popen, log_path: str, text: str, timeout: float = 300

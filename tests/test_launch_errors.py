@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-import reliability_helpers as rh
+from helpers import runs as rh
 
 CAPTION = '--config=configs/caption.py:runlocal'
 

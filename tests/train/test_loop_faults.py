@@ -19,7 +19,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-import reliability_helpers as rh
+from helpers import runs as rh
+from helpers.pause import pause_after
 from capjax.errors import UserError
 from capjax.train import checkpoint, logs, loop
 from capjax.train import state as state_lib
@@ -132,9 +133,8 @@ def test_damaged_latest_checkpoint_falls_back_in_one_line_sets_it_aside_and_resu
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_saves_a_checkpoint_at_that_step_and_a_restart_finishes_exactly(
-    trained, tmp_path, monkeypatch, signum):
+    trained, tmp_path, signum):
   workdir = str(tmp_path / 'run')
-  monkeypatch.setenv(loop.PAUSE_ENV, '7')  # The loop waits after step 7 for the signal.
 
   def signal_when_paused():  # Step 6's metrics are written once step 7 is under way.
     while 6 not in rh.train_rows(workdir):
@@ -142,10 +142,9 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_at_that_step_and_a_restart_finishe
     os.kill(os.getpid(), signum)
 
   threading.Thread(target=signal_when_paused, daemon=True).start()
-  outcome = loop.train(job(), config(), workdir)
+  outcome = loop.train(job(), config(), workdir, hooks=[pause_after(7)])  # Waits there.
   assert outcome.interrupted and outcome.step == 7
   assert rh.checkpoint_steps(workdir) == [5, 7]
-  monkeypatch.delenv(loop.PAUSE_ENV)
   outcome = loop.train(job(), config(), workdir)
   assert not outcome.interrupted and outcome.step == STEPS
   rh.assert_trees_bit_identical(rh.read_state(workdir, 10), rh.read_state(trained, 10))
@@ -205,7 +204,7 @@ def test_a_metrics_line_cut_short_by_a_kill_does_not_swallow_the_next_row(tmp_pa
   with open(tmp_path / 'metrics.jsonl', 'w') as f:
     f.write('{"step": 1, "split": "train", "loss": 1.0}\n{"step": 2, "spl')
   writer = logs.MetricWriter(str(tmp_path))
-  writer.write(2, 'train', {'loss': 2.0})
+  writer.write_scalars(2, {'train/loss': 2.0})
   writer.close()
   assert [(r['step'], r['loss']) for r in logs.read_metrics(str(tmp_path))] == [(1, 1.0),
                                                                                 (2, 2.0)]

@@ -4,10 +4,10 @@ Keras and capjax live in different virtualenvs, so this runs in steps that share
 ($CAPJAX_KERAS_CHECK_DIR, default /tmp/capjax_keras_check, ~450 MB):
 
   python3.11 -m venv /tmp/kerasenv && /tmp/kerasenv/bin/pip install tensorflow-cpu h5py
-  /tmp/kerasenv/bin/python tests/keras_reference_check.py keras    # Keras: weights, inputs, outputs
-  .venv/bin/python         tests/keras_reference_check.py jax      # capjax: load, run, compare
-  .venv/bin/python         tests/keras_reference_check.py jax64    # the same in float64
-  /tmp/kerasenv/bin/python tests/keras_reference_check.py readback # Keras reads capjax's .h5
+  /tmp/kerasenv/bin/python tests/scripts/keras_reference_check.py keras    # Keras: weights, inputs, outputs
+  .venv/bin/python         tests/scripts/keras_reference_check.py jax      # capjax: load, run, compare
+  .venv/bin/python         tests/scripts/keras_reference_check.py jax64    # the same in float64
+  /tmp/kerasenv/bin/python tests/scripts/keras_reference_check.py readback # Keras reads capjax's .h5
 
 Step `keras` builds keras.applications.ResNet50 / Xception (include_top=False, weights=None),
 randomises every weight (BatchNorm statistics included, so a swapped gamma/moving_variance would
@@ -163,7 +163,7 @@ def step_jax(precision='float32'):
   In float64 (both sides, float32-exact weights and inputs) any difference is a layout error, not
   rounding. The preprocessing functions are compared separately, from the same uint8 images.
   """
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
   import jax
   jax.config.update('jax_default_matmul_precision', 'highest')
   jax.config.update('jax_enable_x64', precision == 'float64')

@@ -1,11 +1,11 @@
 """A run killed by SIGKILL at a step that is not a checkpoint step, and restarted with the same
 command, ends bit-identical to a run that was never interrupted (data order, caption draws and
-dropout included). SIGTERM/SIGINT are tested on the loop itself in test_reliability_faults."""
+dropout included). SIGTERM/SIGINT are tested on the loop itself in tests/train/test_loop_faults.py."""
 import signal
 
 import pytest
 
-import reliability_helpers as rh
+from helpers import runs as rh
 
 STEPS = 14
 ARGS = ['--config=configs/caption.py:runlocal', f'--config.train.steps={STEPS}',
@@ -29,7 +29,7 @@ def test_sigkill_then_restart_is_bit_identical_to_an_uninterrupted_run(data):
   ref = rh.launch(args('ref'), env(), log('ref'))
 
   # SIGKILL after step 8: not a checkpoint step, so steps 6-8 are lost and recomputed.
-  run = rh.launch(args('run'), env(CAPJAX_PAUSE_AT_STEP=8), log('kill'))
+  run = rh.launch(args('run'), env(), log('kill'), pause_after=8)
   rh.wait_for_line(run, log('kill'), 'Paused after step 8')
   run.send_signal(signal.SIGKILL)
   run.wait(60)

@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-import fixture_layouts as fx
-import reliability_helpers as rh
+from helpers import layouts as fx
+from helpers import runs as rh
 from capjax import run
 from capjax.data import caption_tfds, features
 from capjax.data.images import load_image

@@ -5,7 +5,7 @@ import socket
 import numpy as np
 import pytest
 
-import reliability_helpers as rh
+from helpers import runs as rh
 
 STEPS = 4
 ARGS = ['--config=configs/caption.py:runlocal', f'--config.train.steps={STEPS}',
