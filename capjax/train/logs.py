@@ -15,8 +15,10 @@ class MetricWriter:
   writes.
 
   The interface is clu's `metric_writers.MetricWriter` (`write_scalars`, `flush`, `close`), so
-  swapping in clu stays cheap; clu itself is not used because clu 0.0.12 (the newest release)
-  imports TensorFlow in `clu.metric_writers` (`metric_writers/tf/summary_writer.py`).
+  swapping in clu stays cheap. clu itself is not used: in clu 0.0.12, the newest release
+  (checked 2026-12-03), `import clu.metric_writers` imports TensorFlow, which capjax does not
+  need (`metric_writers/__init__.py` imports `summary_writer.SummaryWriter`, which is
+  `from .tf.summary_writer import SummaryWriter`, whose module does `import tensorflow as tf`).
   """
 
   def __init__(self, workdir: str):
