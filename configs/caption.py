@@ -19,10 +19,9 @@ end to end at that fraction of the learning rate.
 import ml_collections
 
 from capjax.configlib import parse_arg
-from capjax.data.caption_tfds import DATASETS as REAL_DATASETS
-# KERAS_BACKBONES: encoders with Keras weights, frozen on photos (their features are cached
-# once). INPUT_SIZE: the side each encoder is fed at on the real data sets.
-from capjax.models.encoders import INPUT_SIZE, KERAS_BACKBONES
+# Names only (no JAX, no TFDS), so a mistyped flag fails at once.
+from capjax.data.catalog import CAPTION_DATASETS as REAL_DATASETS
+from capjax.models.catalog import INPUT_SIZE, KERAS_BACKBONES
 
 
 def get_config(arg=None):

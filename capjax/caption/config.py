@@ -7,15 +7,15 @@ import os
 from capjax import configlib
 from capjax.configlib import (WHOLE_POSITIVE, Rule, at_least, choice_rule, non_negative,
                               rules)
-from capjax.data import caption_tfds
+from capjax.data.catalog import CAPTION_DATASETS
 from capjax.errors import UserError
-from capjax.models import encoders
+from capjax.models import catalog
 
-DATASETS = ('shapes',) + tuple(caption_tfds.DATASETS)
+DATASETS = ('shapes',) + CAPTION_DATASETS
 DECODERS = ('inject', 'merge', 'attention')
 DECODINGS = ('greedy', 'beam')
 # The from-scratch encoders fold config.model.patch-sized pixel tiles (models/cnn.py).
-PATCH_ENCODERS = encoders.SMALL_CNNS
+PATCH_ENCODERS = catalog.SMALL_CNNS
 
 RULES = [
     choice_rule('dataset', *DATASETS),
@@ -28,7 +28,7 @@ RULES = [
            'model.attn_dim', 'model.patch'),
     Rule('vocab.min_freq', at_least(1), 'a whole number >= 1'),
     Rule('vocab.max_size', at_least(5), 'a whole number > 4 (4 special tokens)'),
-    choice_rule('model.encoder', *encoders.NAMES),
+    choice_rule('model.encoder', *catalog.ENCODERS),
     choice_rule('model.decoder', *DECODERS),
     *rules(non_negative, 'a number >= 0', 'eval.length_alpha', 'model.attention_reg'),
     choice_rule('model.score', 'additive', 'dot'),
@@ -69,7 +69,7 @@ def validate(config) -> None:
                       f'--config.model.encoder={m.encoder} (it folds {patch}x{patch} pixel '
                       f'tiles, --config.model.patch); use e.g. {size - size % patch or patch}.')
   weights = m.get('encoder_weights')
-  if weights and m.encoder not in encoders.KERAS_BACKBONES:
+  if weights and m.encoder not in catalog.KERAS_BACKBONES:
     raise UserError(f'--config.model.encoder_weights is set, but --config.model.encoder='
                     f'{m.encoder} has no Keras weights; use resnet50 or xception, or unset '
                     f'the weights.')

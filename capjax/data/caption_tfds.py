@@ -28,10 +28,9 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from capjax.data import coco, flickr8k, own_captions
+from capjax.data.catalog import CAPTION_DATASETS as DATASETS
 from capjax.data.images import load_image
 from capjax.data.reading import CaptionSplit, DataError, SPLITS
-
-DATASETS = ('flickr8k', 'coco', 'own')
 
 
 def read_split(dataset: str, root: str, split: str, read: dict) -> CaptionSplit:

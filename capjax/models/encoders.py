@@ -29,21 +29,12 @@ class KerasEncoder(nn.Module):
     return self.backbone(_PREPROCESS[self.preprocess](images_BxHxWx3), train=train)
 
 
-# name -> (backbone preset for keras_weights, preprocessing, default input size).
+# name -> (backbone preset for keras_weights, preprocessing); names and sizes: models/catalog.py.
 KERAS_BACKBONES = {
-    'resnet50': (resnet.ResNet50, 'caffe', resnet.DEFAULT_SIZE),
-    'xception': (xception.Xception, 'tf', xception.DEFAULT_SIZE),
-    # Keras naming and BatchNorm like resnet50 at a fraction of the cost; for tests.
-    'resnet_tiny': (resnet.ResNetTiny, 'caffe', 32),
+    'resnet50': (resnet.ResNet50, 'caffe'),
+    'xception': (xception.Xception, 'tf'),
+    'resnet_tiny': (resnet.ResNetTiny, 'caffe'),
 }
-SMALL_CNNS = ('shapes_cnn', 'cnn', 'tiny_cnn')
-NAMES = SMALL_CNNS + tuple(KERAS_BACKBONES)
-# The side each encoder is fed at on the real data sets (configs/caption.py's default
-# config.data.image_size): the small CNNs' 128 px (32 for the test-sized one), the Keras
-# backbones' own defaults.
-INPUT_SIZE = {'cnn': 128, 'shapes_cnn': 128, 'tiny_cnn': 32,
-              **{name: size for name, (_, _, size) in KERAS_BACKBONES.items()}}
-
 
 def build_encoder(model_config, dtype: Any = jnp.float32) -> nn.Module:
   """The encoder config.model.encoder names; ValueError for an unknown name."""
@@ -55,7 +46,7 @@ def build_encoder(model_config, dtype: Any = jnp.float32) -> nn.Module:
   if m.encoder == 'tiny_cnn':
     return cnn.CaptionEncoderTiny(dtype=dtype)
   if m.encoder in KERAS_BACKBONES:
-    preset, preprocess, _ = KERAS_BACKBONES[m.encoder]
+    preset, preprocess = KERAS_BACKBONES[m.encoder]
     return KerasEncoder(preset(dtype=dtype), preprocess)
   raise ValueError(f'unknown encoder {m.encoder!r}')
 

@@ -18,7 +18,6 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-DEFAULT_SIZE = 224
 BN_EPSILON = 1.001e-5
 # Keras's BatchNormalization momentum; Flax's `momentum` has the same meaning (EMA decay).
 BN_MOMENTUM = 0.99

@@ -24,7 +24,6 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-DEFAULT_SIZE = 299
 MIN_SIZE = 71  # smallest input Keras accepts; the feature map is then 3x3
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99  # Keras's default; same meaning as Flax's `momentum`
