@@ -103,15 +103,14 @@ def run_info(config) -> dict:
   return dict(model=model_label(config.model), image_size=config.data.image_size)
 
 
-def restore_trained(config, workdir: str, total_steps: int = 1) -> Trained:
+def restore_trained(config, workdir: str) -> Trained:
   """The classifier of the newest readable checkpoint in `workdir`, with its
-  classify_meta.json. The optimizer's state has the same shapes whatever the run length, so
-  `total_steps` only matters to callers that go on training."""
+  classify_meta.json."""
   meta = data.read_meta(workdir)
   model = build_model(config, len(meta['class_names']))
-  state = checkpoint.restore_for_inference(
-      workdir, model, make_optimizer(config.optim, total_steps), jax.random.key(config.seed),
-      *sample_inputs(config))
+  # The optimizer's state has the same shapes whatever the run length, hence 1 step.
+  state = checkpoint.restore_for_inference(workdir, model, make_optimizer(config.optim, 1),
+                                           jax.random.key(0), *sample_inputs(config))
   return Trained(model, state, meta=meta)
 
 

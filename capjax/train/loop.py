@@ -169,12 +169,16 @@ class Trainer:
     self.state = self._fresh_state(make_optimizer(config.optim, job.total_steps), init_rng)
     self.checkpoints = checkpoint.manager(workdir, keep=self.cfg.keep_checkpoints,
                                           cleanup_tmp=True)
-    self.iterator = loading.iterate(job.train_data, num_threads=config.data.num_threads)
-    self.step, self.train_time, nonfinite = self._restore()
-    self.health = _replicated_scalars(
-        {'step': self.step, 'nonfinite': nonfinite, 'first_bad': -1}, self.mesh)
-    self.step_fn = self._compile()
-    self.writer = logs.MetricWriter(workdir)
+    try:  # `close` is `train`'s from here on; until then a failure closes the manager here.
+      self.iterator = loading.iterate(job.train_data, num_threads=config.data.num_threads)
+      self.step, self.train_time, nonfinite = self._restore()
+      self.health = _replicated_scalars(
+          {'step': self.step, 'nonfinite': nonfinite, 'first_bad': -1}, self.mesh)
+      self.step_fn = self._compile()
+      self.writer = logs.MetricWriter(workdir)
+    except BaseException:
+      self.checkpoints.close()
+      raise
     self.progress = logs.Progress(self.step, job.total_steps)
     self.pending = None  # (step, metrics, health) of a log step, read one step later.
     self.stop: Optional[_StopFlag] = None
