@@ -12,13 +12,13 @@ from capjax.configlib import parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, task='all', conv='fast', batch_size=0)
+  arg = parse_arg(arg, task='all', conv='layers', batch_size=0)
   c = ml_collections.ConfigDict()
   c.task = 'bench'
   c.seed = 0
   c.bench = ml_collections.ConfigDict(dict(
       task=arg.task,
-      conv=arg.conv,            # 'fast' (capjax.models.layers.Conv) or 'flax' (nn.Conv).
+      conv=arg.conv,            # 'layers' (capjax.models.layers.Conv) or 'flax' (nn.Conv).
       batch_size=arg.batch_size,  # 0: the peer's batch for the task.
       steps=10, warmup=3, dtype='float32', pipeline_batches=50,
       peak_flops=0.0))          # 0: measure with a large f32 matmul.

@@ -47,7 +47,7 @@ def caption(cfg):
 def encode(cfg):
   """ResNet50 inference, batch 32 at 224 px."""
   b = cfg.batch_size or 32
-  model = resnet.ResNet50(pooled=True, conv=layers.conv_by_name(cfg.conv),
+  model = resnet.ResNet50(pooled=True, conv=layers.conv_by_name(cfg.conv, 'bench.conv'),
                           dtype=jnp.dtype(cfg.dtype))
   x = jnp.asarray(np.random.default_rng(0).normal(size=(b, 224, 224, 3)), jnp.float32)
   variables = jax.jit(model.init)(jax.random.key(0), x[:1])

@@ -15,7 +15,7 @@ from capjax.train import state as state_lib
 def classify(cfg):
   """SimpleCNN train step, batch 128 at 64 px, 30 classes."""
   b = cfg.batch_size or 128
-  model = classifier.SimpleCNN(num_classes=30, conv=layers.conv_by_name(cfg.conv))
+  model = classifier.SimpleCNN(num_classes=30, conv=layers.conv_by_name(cfg.conv, 'bench.conv'))
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.normal(size=(b, 64, 64, 3)), jnp.float32),
            'label': jnp.asarray(rng.integers(0, 30, b), jnp.int32)}

@@ -208,14 +208,15 @@ class Conv(nn.Module):
     return y if bias is None else y + bias.reshape(1, 1, 1, -1)
 
 
-def conv_by_name(name: str):
-  """The convolution module a config names: 'flax' (`nn.Conv`) or 'layers' (this file's `Conv`)."""
+def conv_by_name(name: str, field: str = 'model.conv'):
+  """The convolution module a config names: 'flax' (`nn.Conv`) or 'layers' (this file's `Conv`);
+  `field` is where the name came from, for the error."""
   if name == 'flax':
     return nn.Conv
   if name == 'layers':
     return Conv
   from capjax.errors import UserError  # pylint: disable=import-outside-toplevel
-  raise UserError(f"config.model.conv={name!r} is unknown; use 'flax' or 'layers'.")
+  raise UserError(f"--config.{field}={name} is unknown; use flax or layers.")
 
 
 def _pool_taps(x, window):

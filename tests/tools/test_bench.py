@@ -49,8 +49,8 @@ def test_model_flops_agree_with_xla_on_a_loop_free_mlp():
 
 
 def _tiny_bench(**kw):
-  return ml_collections.ConfigDict(dict(conv='fast', batch_size=4, steps=2, warmup=1,
-                                        dtype='float32', pipeline_batches=3, **kw))
+  return ml_collections.ConfigDict({**dict(conv='layers', batch_size=4, steps=2, warmup=1,
+                                          dtype='float32', pipeline_batches=3), **kw})
 
 
 def test_greedy_row_counts_all_twenty_decoding_steps():
@@ -60,6 +60,15 @@ def test_greedy_row_counts_all_twenty_decoding_steps():
   assert row['flops_per_step'] < 20 * out_layer * 3  # The LSTM costs less than the output.
   assert row['examples_per_s'] == pytest.approx(4 / (row['step_ms'] / 1000))
   assert row['mfu'] == pytest.approx(row['flops_per_step'] / (row['step_ms'] / 1000) / 1e11)
+
+
+@pytest.mark.parametrize('task,conv', [('classify', 'layers'), ('caption', 'flax'),
+                                       ('encode', 'layers')])
+def test_every_peer_benchmark_runs_with_either_convolution(task, conv):
+  """The peer's tasks at its shapes (batch 2), with each value configs/bench.py's conv takes."""
+  row = bench.run_task(task, _tiny_bench(batch_size=2, conv=conv), peak=1e11)
+  assert row['task'] == task and row['batch_size'] == 2
+  assert row['examples_per_s'] > 0 and row['flops_per_step'] > 0
 
 
 def test_a_task_config_benchmarks_its_train_step_and_input_pipeline(tmp_path):
