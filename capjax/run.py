@@ -141,18 +141,14 @@ def main(config, workdir: str, mode: str, images=()) -> None:
   _check_workdir(workdir, mode)
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
-  from capjax.runtime import distributed
+  from capjax.runtime import disk_full, distributed, lock
   if mode == 'eval':
     evaluate_workdir(config, workdir)
     return
   task = tasks.get(config.task)
-  # Data first: a wrong data path fails before the workdir is created, and with several
-  # processes process 0 prepares the data set alone before the others read it.
-  with distributed.main_process_first('capjax_prepare_data'):
-    splits = task.load_splits(config)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'--workdir={workdir} cannot be created ({e.strerror or e}); pick a '
-                    f'folder you can write to.') from e
-  train_and_evaluate(task, config, workdir, splits)
+  # The lock first, so a second run on this workdir stops before it touches anything (data
+  # included); with several processes process 0 prepares the data set before the others read it.
+  with lock.held(workdir), disk_full.reported(workdir):
+    with distributed.main_process_first('capjax_prepare_data'):
+      splits = task.load_splits(config)
+    train_and_evaluate(task, config, workdir, splits)

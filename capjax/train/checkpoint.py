@@ -31,6 +31,9 @@ from capjax.errors import UserError
 from capjax.runtime import distributed
 
 DAMAGED_DIR = 'checkpoints_damaged'
+# The suffix of the folder orbax writes a checkpoint into before renaming it (orbax 0.12's
+# TMP_DIR_SUFFIX, in a private module).
+TMP_SUFFIX = '.orbax-checkpoint-tmp'
 
 
 class _DropOrbaxRecords(std_logging.Filter):
@@ -62,13 +65,29 @@ def manager(workdir: str, keep: int, async_save: bool = True,
     cleanup_tmp: remove temporary folders left by a save that was killed; only for the one
       process that trains in this workdir (a reader must not delete a save in progress).
   """
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if cleanup_tmp:
+    for name in unfinished_saves(directory):
+      logging.warning('The write of checkpoint %s did not finish (the run was stopped while '
+                      'saving it): removing it and resuming from the newest complete one.',
+                      name.split('.')[0])
   options = ocp.CheckpointManagerOptions(max_to_keep=keep,
                                          enable_async_checkpointing=async_save,
                                          cleanup_tmp_directories=cleanup_tmp,
                                          create=True)
   with _orbax_quiet():  # Construction reads every checkpoint's metadata.
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                                 options=options)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def unfinished_saves(directory: str) -> list[str]:
+  """The temporary folders of checkpoint writes that never finished (orbax writes into
+  `<step>.orbax-checkpoint-tmp*` and renames it once complete), oldest step first."""
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return []
+  tmp = [n for n in names if TMP_SUFFIX in n and n.split('.')[0].isdigit()]
+  return sorted(tmp, key=lambda n: int(n.split('.')[0]))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict,

@@ -39,8 +39,11 @@ class MetricWriter:
     for tag, value in scalars.items():
       split, _, name = tag.partition('/')
       rows.setdefault(split, {'step': int(step), 'split': split})[name] = float(value)
-    with open(self.path, 'a') as f:
-      f.writelines(json.dumps(row) + '\n' for row in rows.values())
+    try:
+      with open(self.path, 'a') as f:
+        f.writelines(json.dumps(row) + '\n' for row in rows.values())
+    except OSError as e:  # A failed write() names no file; say which (a full disk, say).
+      raise OSError(e.errno, e.strerror, e.filename or self.path) from e
     for tag, value in scalars.items():
       self._tb.add_scalar(tag, float(value), int(step))
 

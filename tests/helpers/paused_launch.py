@@ -1,5 +1,7 @@
-"""`python tests/helpers/paused_launch.py STEP ARGS...`: `launch.py ARGS...` with the training
-loop paused after step STEP (helpers.pause), for tests that kill a run at a chosen step.
+"""`python tests/helpers/paused_launch.py [+KEY=VALUE...] ARGS...`: `launch.py ARGS...` with test
+hooks (helpers.pause), for tests that kill a run or fill its disk at a chosen point:
+  +pause=STEP       pause the loop after STEP until a stop signal (or +until=FILE exists)
+  +hold_save=STEP   hold the write of checkpoint STEP open for good
 
 launch.py first restarts itself once (huge pages) with the interpreter's original arguments.
 This script makes that restart itself, before anything else, so the restarted process runs
@@ -20,8 +22,12 @@ from capjax.runtime import host_memory  # noqa: E402  Light: no JAX imported bef
 host_memory.restart_with_huge_pages()
 
 from capjax.train import loop  # noqa: E402
-from helpers.pause import pause_after  # noqa: E402
+from helpers import pause  # noqa: E402
 
-loop.HOOKS.append(pause_after(int(sys.argv[1])))
-sys.argv = [os.path.join(ROOT, 'launch.py'), *sys.argv[2:]]
+options = dict(a[1:].split('=', 1) for a in sys.argv[1:] if a.startswith('+'))
+if 'pause' in options:
+  loop.HOOKS.append(pause.pause_after(int(options['pause']), options.get('until')))
+if 'hold_save' in options:
+  pause.hold_checkpoint_write(int(options['hold_save']))
+sys.argv = [os.path.join(ROOT, 'launch.py'), *[a for a in sys.argv[1:] if not a.startswith('+')]]
 runpy.run_path(sys.argv[0], run_name='__main__')

@@ -46,13 +46,16 @@ def env(cache_dir: str | None = None, **extra) -> dict:
   return out
 
 
-def launch(args, env_vars: dict, log_path: str, pause_after: int | None = None
-           ) -> subprocess.Popen:
+def launch(args, env_vars: dict, log_path: str, pause_after: int | None = None,
+           **hooks) -> subprocess.Popen:
   """Starts `python launch.py *args` with stdout+stderr going to `log_path`; with
-  `pause_after`, its loop waits after that step for a signal (helpers/paused_launch.py)."""
+  `pause_after`, its loop waits after that step for a signal, and `hooks` (until=FILE,
+  hold_save=STEP) are the other options of helpers/paused_launch.py."""
   log = open(log_path, 'w')
-  program = ([os.path.join(ROOT, 'launch.py')] if pause_after is None else
-             [PAUSED_LAUNCH, str(pause_after)])
+  if pause_after is not None:
+    hooks['pause'] = pause_after
+  program = ([PAUSED_LAUNCH, *[f'+{k}={v}' for k, v in hooks.items()]] if hooks else
+             [os.path.join(ROOT, 'launch.py')])
   return subprocess.Popen([sys.executable, *program, *args], cwd=ROOT, env=env_vars,
                           stdout=log, stderr=subprocess.STDOUT)
 
