@@ -141,9 +141,7 @@ class _FailedReads:
     # asyncio logs a failed read task nobody awaited only when it is garbage collected, at
     # whatever collection comes next; one here, once the reads have ended, makes that now
     # (without it, 13 such tracebacks of 6 all-damaged restores were logged after the scope).
-    with warnings.catch_warnings():  # Read coroutines orbax created but never started.
-      warnings.filterwarnings('ignore', r"coroutine '.*' was never awaited", RuntimeWarning)
-      gc.collect()
+    gc.collect()
 
 
 def _left_by_failed_read(unraisable) -> bool:
@@ -175,13 +173,17 @@ def _quiet_failed_reads():
   sys.unraisablehook = scope.hook(previous)
   asyncio_logger.addFilter(_drop_orphaned_read_tasks)
   try:
-    yield scope
+    with warnings.catch_warnings():
+      # Read coroutines orbax created but never started, dropped when a failed read's frames
+      # are freed (at the end of the `except` that caught it, or by `drain`'s collection).
+      warnings.filterwarnings('ignore', r"coroutine '.*' was never awaited", RuntimeWarning)
+      try:
+        yield scope
+      finally:
+        scope.drain()
   finally:
-    try:
-      scope.drain()
-    finally:
-      sys.unraisablehook = previous
-      asyncio_logger.removeFilter(_drop_orphaned_read_tasks)
+    sys.unraisablehook = previous
+    asyncio_logger.removeFilter(_drop_orphaned_read_tasks)
 
 
 def _drop_orphaned_read_tasks(record: std_logging.LogRecord) -> bool:

@@ -1,5 +1,6 @@
-"""`python tests/scripts/concurrent_launches.py [ROUNDS] [--root=DIR]`: starts the same
-launch.py twice on one fresh workdir, the second after a random delay, ROUNDS times (20 by
+"""`python tests/scripts/concurrent_launches.py [ROUNDS] [--root=DIR] [--max_delay=S]`: starts
+the same launch.py twice on one fresh workdir, the second after a random delay of up to S
+seconds (4 by default: the first has often not reached the lock yet), ROUNDS times (20 by
 default), and checks that exactly one trains (the other stops with the lock's error line),
 that every checkpoint it leaves reads back and that metrics.jsonl holds each step once (two
 writers would repeat steps). Prints one line per round and a summary; exit 1 on any failure.
@@ -22,12 +23,12 @@ ARGS = ['--config=configs/caption.py:runlocal', '--config.train.steps=14',
         '--config.train.checkpoint_every=5', '--config.train.log_every=1']
 
 
-def one_round(root: str, i: int, rng: random.Random) -> str:
+def one_round(root: str, i: int, rng: random.Random, max_delay: float) -> str:
   workdir = os.path.join(root, f'run{i}')
   cmd = [sys.executable, os.path.join(rh.ROOT, 'launch.py'), *ARGS, f'--workdir={workdir}',
          f'--config.tfds_dir={root}/tfds']
   env = rh.env(os.path.join(root, 'jax_cache'))
-  delay = rng.uniform(0, 4)
+  delay = rng.uniform(0, max_delay)
   first = subprocess.Popen(cmd, cwd=rh.ROOT, env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)
   time.sleep(delay)
@@ -48,18 +49,21 @@ def one_round(root: str, i: int, rng: random.Random) -> str:
   if sorted(steps) != list(range(1, 15)):
     problems.append(f'metrics.jsonl train steps {steps}')
   verdict = 'ok' if not problems else 'FAIL ' + '; '.join(problems)
-  return f'round {i}: delay {delay:.2f} s, exit codes {codes}: {verdict}'
+  trained = ['first', 'second'][[rc for rc, _ in outs].index(0)] if 0 in codes else 'none'
+  return f'round {i}: delay {delay:.2f} s, exit codes {codes}, {trained} trained: {verdict}'
 
 
 def main(argv):
   rounds = int(next((a for a in argv[1:] if not a.startswith('--')), 20))
   root = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--root=')), None)
   root = root or tempfile.mkdtemp(prefix='capjax_concurrent_')
+  max_delay = float(next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--max_delay=')),
+                         4))
   rh.prepare_shapes(os.path.join(root, 'tfds'))
   rng = random.Random(0)
   failed = 0
   for i in range(1, rounds + 1):
-    line = one_round(root, i, rng)
+    line = one_round(root, i, rng, max_delay)
     print(line, flush=True)
     failed += 'FAIL' in line
   print(f'{rounds - failed} of {rounds} rounds: one writer, every checkpoint readable, each '
