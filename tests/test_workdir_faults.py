@@ -15,10 +15,7 @@ import pytest
 
 from helpers import runs as rh
 
-STEPS = 14
-ARGS = ['--config=configs/caption.py:runlocal', f'--config.train.steps={STEPS}',
-        '--config.train.checkpoint_every=5', '--config.train.log_every=1',
-        '--config.train.eval_every=0', '--config.model.dropout=0.3']
+STEPS, ARGS = rh.RESUME_STEPS, rh.RESUME_ARGS
 
 
 @pytest.fixture(scope='module')

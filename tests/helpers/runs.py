@@ -29,6 +29,14 @@ def load_config(name: str, arg: str | None = None):
 SHAPES = dict(image_size=32, num_train=256, num_validation=32, num_test=32, seed=0)
 
 
+# The kill and fault tests' run: runlocal captioning for 14 steps, checkpoints at 5 and 10, a
+# metrics row every step, dropout on (so an exact resume covers the dropout draws too).
+RESUME_STEPS = 14
+RESUME_ARGS = ['--config=configs/caption.py:runlocal', f'--config.train.steps={RESUME_STEPS}',
+               '--config.train.checkpoint_every=5', '--config.train.log_every=1',
+               '--config.train.eval_every=0', '--config.model.dropout=0.3']
+
+
 def prepare_shapes(tfds_dir: str) -> None:
   from capjax.data import shapes_tfds
   shapes_tfds.prepare(tfds_dir, **SHAPES)
