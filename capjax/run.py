@@ -141,7 +141,8 @@ def main(config, workdir: str, mode: str, images=()) -> None:
   _check_workdir(workdir, mode)
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
-  from capjax.runtime import disk_full, distributed, lock
+  from capjax.runtime import distributed, lock
+  from capjax.train import disk_full
   if mode == 'eval':
     evaluate_workdir(config, workdir)
     return

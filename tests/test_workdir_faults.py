@@ -182,7 +182,7 @@ def test_the_lock_admits_one_holder_names_it_and_is_free_again_once_released(tmp
 
 def test_a_metrics_write_on_a_full_device_is_one_line_naming_metrics_jsonl(tmp_path):
   from capjax.errors import UserError
-  from capjax.runtime import disk_full
+  from capjax.train import disk_full
   from capjax.train import logs
   os.symlink('/dev/full', tmp_path / 'metrics.jsonl')  # Every write: ENOSPC.
   writer = logs.MetricWriter(str(tmp_path))

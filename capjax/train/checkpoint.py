@@ -79,6 +79,15 @@ def manager(workdir: str, keep: int, async_save: bool = True,
     return ocp.CheckpointManager(directory, options=options)
 
 
+def complete_steps(directory: str) -> list[int]:
+  """The steps of the finished checkpoints in a checkpoints folder, read without orbax (a full
+  disk or a damaged folder must not stop a report from naming them)."""
+  try:
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  except OSError:
+    return []
+
+
 def unfinished_saves(directory: str) -> list[str]:
   """The temporary folders of checkpoint writes that never finished (orbax writes into
   `<step>.orbax-checkpoint-tmp*` and renames it once complete), oldest step first."""
@@ -125,7 +134,7 @@ class _FailedReads:
 
   def hook(self, previous):
     def hook(unraisable):
-      if _left_by_failed_read(unraisable):
+      if left_by_failed_io(unraisable):
         self.failed()
         return
       previous(unraisable)
@@ -144,10 +153,11 @@ class _FailedReads:
     gc.collect()
 
 
-def _left_by_failed_read(unraisable) -> bool:
-  """Whether an unraisable error is one a failed checkpoint read leaves: 'Event loop is closed'
-  from a read still in flight when orbax closed its loop, or the error an orbax read coroutine
-  raises on the GeneratorExit of being closed, suspended for good, when it is collected."""
+def left_by_failed_io(unraisable) -> bool:
+  """Whether an unraisable error is one that failed orbax reads or writes leave: 'Event loop is
+  closed' from an array read or write still in flight when orbax closed its loop, or the error
+  an orbax coroutine raises on the GeneratorExit of being closed, suspended for good, when it
+  is collected."""
   error = unraisable.exc_value
   if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
     return True

@@ -20,6 +20,7 @@ from typing import Optional
 from absl import logging as absl_logging
 
 from capjax.errors import UserError
+from capjax.train import checkpoint
 
 _NO_SPACE = 'No space left on device'
 
@@ -50,14 +51,6 @@ def _file_of(errors: list[BaseException], workdir: str, report: str = '') -> str
   return workdir
 
 
-def _newest_checkpoint(workdir: str) -> Optional[int]:
-  try:
-    steps = [int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit()]
-  except OSError:
-    return None
-  return max(steps, default=None)
-
-
 def _free_bytes(path: str) -> Optional[int]:
   path = os.path.abspath(path)
   while not os.path.exists(path):
@@ -74,7 +67,7 @@ def message(errors: list[BaseException], workdir: str, report: str = '') -> str:
   path = _file_of(errors, workdir, report)
   free = _free_bytes(path)
   free_text = 'unknown' if free is None else f'{free / 2**20:.1f} MiB'
-  step = _newest_checkpoint(workdir)
+  step = max(checkpoint.complete_steps(os.path.join(workdir, 'checkpoints')), default=None)
   kept = (f'the checkpoint at step {step} is complete' if step is not None else
           'no checkpoint had been completed yet')
   return (f'No space left on the device to write {path} ({free_text} free there); {kept}. '
@@ -85,9 +78,9 @@ def message(errors: list[BaseException], workdir: str, report: str = '') -> str:
 class _Silenced:
   """What orbax leaves behind when its writes fail for lack of space, dropped for the block of
   `reported` (the UserError says it in one line): its writer threads each log the error with a
-  traceback (over 250 lines for one checkpoint), and once orbax has closed its asyncio loop
-  the writes still in flight each report 'Event loop is closed' through sys.unraisablehook.
-  The latter are dropped only after such a log record, so nothing else is ever hidden."""
+  traceback (over 250 lines for one checkpoint), and its writes still in flight report
+  through sys.unraisablehook what `checkpoint.left_by_failed_io` recognises. The latter are
+  dropped only after such a log record, so nothing else is ever hidden."""
 
   def __init__(self, previous_hook):
     self.previous_hook, self.full = previous_hook, False
@@ -109,10 +102,8 @@ class _Silenced:
     return False
 
   def unraisable_hook(self, unraisable) -> None:
-    error = unraisable.exc_value
-    if self.full and isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
-      return
-    self.previous_hook(unraisable)
+    if not (self.full and checkpoint.left_by_failed_io(unraisable)):
+      self.previous_hook(unraisable)
 
 
 @contextlib.contextmanager
