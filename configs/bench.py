@@ -21,5 +21,5 @@ def get_config(arg=None):
       conv=arg.conv,            # 'layers' (capjax.models.layers.Conv) or 'flax' (nn.Conv).
       batch_size=arg.batch_size,  # 0: the peer's batch for the task.
       steps=10, warmup=3, dtype='float32', pipeline_batches=50,
-      peak_flops=0.0))          # 0: measure with a large f32 matmul.
+      peak_flops=0.0))          # 0: measure (CPU: best f32 GEMM via XLA or numpy; see tools/bench.py).
   return c

@@ -29,7 +29,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from capjax.runtime import xla_flags
+from capjax.runtime import machine, xla_flags
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -150,7 +150,8 @@ def conv2d(x_BxHxWxC, kernel, strides=(1, 1), padding='SAME', feature_group_coun
   strides = tuple(strides)
   pads = _pairs(padding, kernel_size, strides, x_BxHxWxC.shape[1:3])
   if impl == 'auto':
-    impl = 'hybrid' if xla_flags.ynn_convolutions_enabled() else 'lax'
+    # The chunked weight gradient only beats YNNPACK's on the CPU; elsewhere XLA's is the one.
+    impl = 'hybrid' if machine.on_cpu() and xla_flags.ynn_convolutions_enabled() else 'lax'
   if impl == 'lax' or feature_group_count != 1:
     return _lax_conv(x_BxHxWxC, kernel, strides, pads, feature_group_count)
   if impl == 'im2col':

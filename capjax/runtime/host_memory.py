@@ -24,6 +24,8 @@ from __future__ import annotations
 import os
 import sys
 
+from capjax.runtime import machine
+
 _TUNABLE = 'glibc.malloc.hugetlb'
 _THP_ENABLED = '/sys/kernel/mm/transparent_hugepage/enabled'
 
@@ -71,9 +73,12 @@ def huge_page_environment(environ, glibc: tuple[int, ...] | None,
 def restart_with_huge_pages() -> None:
   """Re-executes this Python program, with its arguments, under `glibc.malloc.hugetlb=1`.
 
-  Returns without doing anything where that would change nothing (see huge_page_environment).
+  Returns without doing anything where that would change nothing (see huge_page_environment),
+  and where JAX is going to run on a GPU or TPU: there XLA's big buffers live on the device.
   Call it first in a program's main module: nothing done before it survives the restart.
   """
+  if machine.this_platform() != 'cpu':
+    return
   env = huge_page_environment(os.environ, glibc_version(), transparent_huge_page_mode())
   if env is None:
     return

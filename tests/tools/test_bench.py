@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 from helpers import runs as rh
-from capjax.runtime import host_memory, xla_flags
+from capjax.runtime import xla_flags
 from capjax.tools import bench
 from capjax.tools.flops import model_flops
 
@@ -99,91 +99,28 @@ def test_launch_bench_mode_prints_one_json_line_per_task(tmp_path):
     assert [json.loads(line)['task'] for line in f] == ['greedy', 'caption']
 
 
-def test_cpu_flag_defaults_are_added_but_never_override_the_users():
-  name, value = xla_flags.CPU_DEFAULTS[0]
-  assert xla_flags.with_cpu_defaults('') == f'--{name}={value}'
-  assert xla_flags.with_cpu_defaults('--xla_dump_to=/tmp/d') == f'--xla_dump_to=/tmp/d --{name}={value}'
-  assert xla_flags.with_cpu_defaults(f'--{name}=individual_dot') == f'--{name}=individual_dot'
+def test_rows_say_what_they_ran_on():
+  row = bench.run_task('greedy', _tiny_bench(), peak=1e11)
+  for field in ('backend', 'device_kind', 'cpu_model', 'cpu_features', 'jax', 'jaxlib',
+                'xla_flags', 'capjax_xla_settings', 'dtype'):
+    assert field in row, field
+  assert row['backend'] == 'cpu' and row['cpu_model']
 
 
-@pytest.mark.parametrize('flags,enabled', [
-    ('', True), ('--xla_cpu_experimental_ynn_fusion_type=-individual_convolution', False),
-    ('--xla_cpu_experimental_ynn_fusion_type=+dot', True),
-    ('--xla_cpu_experimental_ynn_fusion_type=individual_dot', False),
-    ('--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution', True)])
-def test_ynn_convolutions_enabled_reads_the_fusion_type_flag(flags, enabled):
-  assert xla_flags.ynn_convolutions_enabled(flags) is enabled
+def test_the_cpu_peak_is_the_better_of_xla_and_numpy_gemms():
+  peak = bench.measure_peak()
+  assert peak['peak_xla_flops'] > 0 and peak['peak_numpy_flops'] > 0
+  assert peak['peak_flops'] == max(peak['peak_xla_flops'], peak['peak_numpy_flops'])
+  assert peak['peak_source'] == ('xla' if peak['peak_xla_flops'] >= peak['peak_numpy_flops']
+                                 else 'numpy')
+  fields = bench.mfu_fields(0.5 * peak['peak_flops'], peak)
+  assert fields['mfu'] == pytest.approx(0.5)
+  assert fields['mfu_vs_xla_gemm'] == pytest.approx(0.5 * peak['peak_flops'] / peak['peak_xla_flops'])
 
 
-def test_huge_page_environment_adds_the_tunable_once_and_only_where_it_helps():
-  glibc, tunable = (2, 36), 'glibc.malloc.hugetlb=1'
-  assert host_memory.huge_page_environment({'A': 'b'}, glibc, 'madvise') == {
-      'A': 'b', 'GLIBC_TUNABLES': tunable}
-  assert host_memory.huge_page_environment(
-      {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, glibc, 'madvise') == {
-          'GLIBC_TUNABLES': f'glibc.malloc.arena_max=2:{tunable}'}
-  # The user's own choice, or a process that has restarted already.
-  assert host_memory.huge_page_environment(
-      {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, glibc, 'madvise') is None
-  assert host_memory.huge_page_environment({'GLIBC_TUNABLES': tunable}, glibc, 'madvise') is None
-  # Nothing to gain: huge pages already everywhere, or nowhere, or a glibc without the tunable.
-  for glibc_, mode in [(glibc, 'always'), (glibc, 'never'), (glibc, None), ((2, 34), 'madvise'),
-                       (None, 'madvise')]:
-    assert host_memory.huge_page_environment({}, glibc_, mode) is None
-
-
-def test_selected_mode_reads_the_bracketed_sysfs_choice():
-  assert host_memory.selected_mode('always [madvise] never\n') == 'madvise'
-  assert host_memory.selected_mode('[always] madvise never') == 'always'
-  assert host_memory.selected_mode('') is None
-
-
-_RESTARTS = """
-import os, sys
-print('start', ' '.join(sys.argv[1:]), flush=True)
-from capjax.runtime import host_memory
-host_memory.restart_with_huge_pages()
-print('tunables', os.environ.get('GLIBC_TUNABLES'))
-"""
-
-
-def _huge_page_env_or_skip():
-  env = host_memory.huge_page_environment(
-      {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'},
-      host_memory.glibc_version(), host_memory.transparent_huge_page_mode())
-  if env is None:
-    pytest.skip('glibc.malloc.hugetlb changes nothing here (needs glibc >= 2.35 and THP madvise)')
-  return env
-
-
-def test_restart_with_huge_pages_runs_the_program_again_once_with_its_arguments(tmp_path):
-  env = _huge_page_env_or_skip()
-  del env['GLIBC_TUNABLES']
-  script = tmp_path / 'prog.py'
-  script.write_text(_RESTARTS)
-  out = subprocess.run([sys.executable, str(script), '--a=1', 'b'], env=env, capture_output=True,
-                       text=True, check=True, timeout=120).stdout.splitlines()
-  assert out == ['start --a=1 b', 'start --a=1 b', 'tunables glibc.malloc.hugetlb=1'], out
-
-
-_FAULTS_PER_CALL = """
-import resource
-import jax, jax.numpy as jnp
-f = jax.jit(lambda x: x * 2.0 + 1.0)
-x = jnp.ones((16 * 2 ** 20,), jnp.float32)  # 64 MB: 16,384 pages, 32 huge pages.
-for _ in range(20):
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  f(x).block_until_ready()
-  print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-def test_under_the_tunable_a_large_buffer_faults_per_huge_page_not_per_page():
-  """Without it, glibc maps each 64 MB output afresh and every call faults on its 16,384 pages.
-  With it, 32 faults, plus up to 511 small pages at each end where the kernel did not align the
-  mapping to 2 MB."""
-  env = _huge_page_env_or_skip()
-  out = subprocess.run([sys.executable, '-c', _FAULTS_PER_CALL], env=env, capture_output=True,
-                       text=True, check=True, timeout=300)
-  faults = [int(line) for line in out.stdout.split()]
-  assert len(faults) == 20 and max(faults[3:]) < 0.1 * 16384, faults
+def test_accelerator_peaks_come_from_the_data_sheet_table():
+  assert bench.known_device_peak('NVIDIA H200', 'bfloat16') == 989e12
+  assert bench.known_device_peak('NVIDIA H100 80GB HBM3', 'float32') == 494e12
+  assert bench.known_device_peak('TPU v5 lite', 'bfloat16') == 197e12
+  assert bench.known_device_peak('TPU v5', 'bfloat16') == 459e12  # Not v5 lite's figure.
+  assert bench.known_device_peak('Some New Chip', 'bfloat16') is None
