@@ -14,6 +14,7 @@ from capjax.models import catalog
 DATASETS = ('shapes',) + CAPTION_DATASETS
 DECODERS = ('inject', 'merge', 'attention')
 DECODINGS = ('greedy', 'beam')
+BASELINES = ('mean', 'greedy')  # Self-critical training's baselines (capjax/caption/scst.py).
 # The from-scratch encoders fold config.model.patch-sized pixel tiles (models/cnn.py).
 PATCH_ENCODERS = catalog.SMALL_CNNS
 
@@ -36,6 +37,10 @@ RULES = [
     choice_rule('model.merge', 'add', 'concat'),
     choice_rule('model.conv', 'flax', 'layers'),
     Rule('optim.encoder_lr_scale', non_negative, 'a number >= 0 (0 freezes the encoder)'),
+    Rule('train.scst_steps', at_least(0), 'a whole number >= 0 (0: no self-critical phase)'),
+    Rule('scst.learning_rate', lambda v: configlib.number(v) and v > 0, 'a number > 0'),
+    Rule('scst.num_samples', at_least(1), 'a whole number >= 1'),
+    choice_rule('scst.baseline', *BASELINES),
 ]
 # The widths and strides of the small CNNs' layers.
 _SMALL_CNN_RULES = [
@@ -68,6 +73,12 @@ def validate(config) -> None:
       raise UserError(f'--config.{field}={size} must be a multiple of {patch} for '
                       f'--config.model.encoder={m.encoder} (it folds {patch}x{patch} pixel '
                       f'tiles, --config.model.patch); use e.g. {size - size % patch or patch}.')
+  scst = config.get('scst')
+  if config.train.get('scst_steps') and scst is not None and (
+      scst.baseline == 'mean' and scst.num_samples < 2):
+    raise UserError(f'--config.scst.baseline=mean compares each sample with the mean of the '
+                    f'image\'s other samples, so it needs --config.scst.num_samples >= 2 (got '
+                    f'{scst.num_samples}); raise it or use --config.scst.baseline=greedy.')
   weights = m.get('encoder_weights')
   if weights and m.encoder not in catalog.KERAS_BACKBONES:
     raise UserError(f'--config.model.encoder_weights is set, but --config.model.encoder='

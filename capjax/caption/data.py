@@ -11,6 +11,7 @@ A split reaches the model in one of three ways (`split_inputs`):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any, Callable, Optional, Sequence
 
@@ -45,6 +46,9 @@ class SplitInputs:
     return pipeline.caption_eval_dataset(
         self.source, vocab, batch_size=batch_size, caption_length=caption_length,
         image_fn=self.image_fn, input_key=self.input_key, max_refs=self.max_refs)
+
+
+VOCAB_FILE = 'vocab.json'
 
 
 def needed_splits(config) -> list[str]:
@@ -91,15 +95,26 @@ def read_ids(source) -> list[str]:
 
 
 def vocabulary(config, workdir: str, train_captions: Sequence[Sequence[str]]) -> Vocabulary:
-  """The workdir's vocabulary if it has one (a resumed run must keep its ids)."""
-  path = os.path.join(workdir, 'vocab.json')
+  """The workdir's vocabulary if it has one (a resumed run must keep its ids), else one built
+  from the training captions and not yet saved (`save_vocabulary`)."""
+  path = os.path.join(workdir, VOCAB_FILE)
   if os.path.exists(path):
     return Vocabulary.load(path)
-  vocab = Vocabulary.build((c for caps in train_captions for c in caps),
-                           min_freq=config.vocab.min_freq, max_size=config.vocab.max_size)
-  if jax.process_index() == 0:
+  return Vocabulary.build((c for caps in train_captions for c in caps),
+                          min_freq=config.vocab.min_freq, max_size=config.vocab.max_size)
+
+
+def vocabulary_fingerprint(vocab: Vocabulary) -> dict:
+  """What identifies a vocabulary in a checkpoint: its size and a hash of its words."""
+  digest = hashlib.sha256('\n'.join(vocab.words).encode()).hexdigest()[:16]
+  return {'words': len(vocab), 'sha256': digest}
+
+
+def save_vocabulary(workdir: str, vocab: Vocabulary) -> None:
+  """Writes the workdir's vocab.json unless it has one."""
+  path = os.path.join(workdir, VOCAB_FILE)
+  if jax.process_index() == 0 and not os.path.exists(path):
     vocab.save(path)
-  return vocab
 
 
 def image_size(config) -> int:

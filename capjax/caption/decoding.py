@@ -1,6 +1,6 @@
-"""Greedy and beam-search decoding as jitted, batched functions.
+"""Greedy, beam-search and sampled decoding as jitted, batched functions.
 
-Both run a fixed number of steps under `lax.scan` over the whole batch; finished
+Each runs a fixed number of steps under `lax.scan` over the whole batch; finished
 sequences keep emitting <pad>, so there is no per-token Python loop.
 """
 from __future__ import annotations
@@ -83,6 +83,67 @@ def beam_search(apply_fn, variables, features, *, beam_size: int, max_len: int,
   _, _, seqs, scores, _, lengths = extend(*state, max_len - 1)
   best = jnp.argmax(scores / length_penalty(lengths.astype(jnp.float32), alpha), -1)
   return jnp.take_along_axis(seqs, best[:, None, None], 1)[:, 0]
+
+
+def sample_with_greedy(apply_fn, variables, features, rng, *, num_samples: int, max_len: int,
+                       end_id: int, pad_id: int = 0, banned_ids=()):
+  """(B x K x max_len sampled ids, B x max_len greedy ids), <pad> after <end>, in one scan.
+
+  Self-critical training's decode: K captions per image drawn from the model's distribution
+  (temperature 1) and the greedy one, as K + 1 rows per image of one batch. A draw is the
+  argmax of the logits plus Gumbel noise (exactly a categorical draw), so sampled and greedy
+  rows share one argmax; the greedy rows get no noise and equal `greedy`. `banned_ids`
+  (<pad>, <start>: never targets, so not words) are never sampled; `policy_log_probs` in
+  steps.py scores the samples under the same restricted distribution.
+
+  The noise of step t comes from fold_in(rng, t) over the whole global batch, and JAX's
+  partitionable threefry draws the same bits however the batch is sharded, so the samples
+  depend only on `rng` and the inputs, not on the number of devices.
+  """
+  if max_len < 1:
+    raise UserError(f'sampling needs max_len >= 1; got {max_len}.')
+  rows = num_samples + 1
+  carry, logits = apply_fn(variables, features, method='start')
+  b, v = logits.shape
+  tile = lambda x: jnp.repeat(x, rows, axis=0)  # B x ... -> (B * (K + 1)) x ..., image-major.
+  carry, logits = jax.tree.map(tile, carry), tile(logits)
+  sampled_row = jnp.tile(jnp.arange(rows) < num_samples, b)[:, None]
+  banned_1xV = jnp.zeros((1, v), jnp.float32).at[:, jnp.asarray(banned_ids, jnp.int32)].set(NEG)
+
+  def pick(logits, done, t):
+    logits = logits.astype(jnp.float32)
+    noise = jax.random.gumbel(jax.random.fold_in(rng, t), logits.shape, jnp.float32)
+    scores = jnp.where(sampled_row, logits + banned_1xV + noise, logits)
+    token = jnp.where(done, pad_id, jnp.argmax(scores, -1)).astype(jnp.int32)
+    return token, done | (token == end_id)
+
+  def body(state, t):
+    carry, logits, done = state
+    token, done = pick(logits, done, t)
+    carry, logits = apply_fn(variables, carry, token, method='step')
+    return (carry, logits, done), token
+
+  done0 = jnp.zeros(logits.shape[:1], bool)
+  # max_len - 1 decoder steps, as in greedy: the last token needs only the last logits.
+  (_, logits, done), tokens_TxR = jax.lax.scan(body, (carry, logits, done0),
+                                               jnp.arange(max_len - 1))
+  last_R, _ = pick(logits, done, max_len - 1)
+  tokens = jnp.concatenate([tokens_TxR.T, last_R[:, None]], axis=1).reshape(b, rows, max_len)
+  return tokens[:, :num_samples], tokens[:, num_samples]
+
+
+def make_sampler_fn(model, *, num_samples: int, max_len: int, end_id: int, banned_ids=(),
+                    from_features: bool = False):
+  """jit(variables, images or cached features, rng) -> `sample_with_greedy`'s (samples,
+  greedy), encoding and decoding in one program. The model runs in inference mode."""
+
+  @jax.jit
+  def run(variables, inputs, rng):
+    features = inputs if from_features else model.apply(variables, inputs, method='encode')
+    return sample_with_greedy(model.apply, variables, features, rng, num_samples=num_samples,
+                              max_len=max_len, end_id=end_id, banned_ids=banned_ids)
+
+  return run
 
 
 def make_captioner_fn(model, *, method: str, max_len: int, end_id: int,

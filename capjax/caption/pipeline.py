@@ -51,6 +51,28 @@ def caption_train_dataset(source: Sequence[dict], vocab: Vocabulary, *,
   return ds.batch(local_batch, drop_remainder=True)
 
 
+def caption_scst_dataset(source: Sequence[dict], *, batch_size: int, seed: int,
+                         image_fn: Callable[[Any], np.ndarray] | None = None,
+                         input_key: str = 'image', flip: bool = False) -> grain.MapDataset:
+  """Endless shuffled batches of {input_key, 'index'} for self-critical training: no caption,
+  only each image's index in `source`, by which the host scores the captions sampled for it
+  against all its references. Images are prepared as `caption_train_dataset` prepares them.
+  """
+  local_batch = local_batch_size(batch_size)
+
+  def load(index, rng: np.random.Generator):
+    example = source[index]
+    x = example[input_key] if image_fn is None else image_fn(example)
+    if flip and input_key == 'image' and rng.random() < 0.5:
+      x = np.ascontiguousarray(x[:, ::-1])
+    return {input_key: x, 'index': np.int32(index)}
+
+  ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat(None)
+  ds = ds.random_map(load)
+  ds = ds[jax.process_index()::jax.process_count()]
+  return ds.batch(local_batch, drop_remainder=True)
+
+
 def caption_eval_dataset(source: Sequence[dict], vocab: Vocabulary, *,
                          batch_size: int, caption_length: int,
                          image_fn: Callable[[Any], np.ndarray] | None = None,

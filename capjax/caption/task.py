@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from capjax import tasks
-from capjax.caption import data, pipeline, steps
+from capjax.caption import data, pipeline, scst, steps
 from capjax.caption import evaluate as evaluation
 from capjax.caption import predict as prediction
 from capjax.caption.bench import BUILDERS as BENCH
@@ -32,6 +32,7 @@ from capjax.caption.config import validate
 from capjax.caption.data import load_splits
 from capjax.data import features, loading
 from capjax.data.tokenizer import Vocabulary
+from capjax.errors import UserError
 from capjax.models import decoder, encoders, keras_weights
 from capjax.models.captioner import Captioner
 from capjax.tasks import Splits
@@ -114,7 +115,7 @@ def _seeds_encoder(config) -> bool:
   return bool(config.model.get('encoder_weights')) or data.uses_feature_cache(config)
 
 
-def seed_initial_checkpoint(config, workdir: str, state, train_data) -> None:
+def seed_initial_checkpoint(config, workdir: str, state, train_data, tags: dict) -> None:
   """Writes `state` as step 0, unless the workdir already has a checkpoint (a resumed run
   keeps its own); the loop then starts from it like from any checkpoint."""
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints, async_save=False)
@@ -122,8 +123,8 @@ def seed_initial_checkpoint(config, workdir: str, state, train_data) -> None:
     if mngr.latest_step() is not None:
       return
     iterator = loading.iterate(train_data, num_threads=1)
-    checkpoint.save(mngr, 0, state, {'iterator': iterator.get_state(), 'train_time_s': 0.0},
-                    force=True)
+    checkpoint.save(mngr, 0, state, {**tags, 'iterator': iterator.get_state(),
+                                     'train_time_s': 0.0}, force=True)
     mngr.wait_until_finished()
     logging.info('Wrote the starting encoder (%s) as the step-0 checkpoint.',
                  config.model.get('encoder_weights') or 'random init')
@@ -150,8 +151,12 @@ def training_job(config, workdir: str, splits: Splits) -> tuple[loop.Job, Traine
   """The loop's Job for `config`, and the Trained (without its state) that evaluation needs.
   Writes the vocabulary (and a seeded encoder's step-0 checkpoint) into `workdir`."""
   sources = splits.sources
-  vocab = data.vocabulary(config, workdir, data.read_captions(sources['train']))
+  train_captions = data.read_captions(sources['train'])
+  vocab = data.vocabulary(config, workdir, train_captions)
+  check_checkpoints_vocabulary(workdir, vocab)  # Before anything is written or restored.
+  data.save_vocabulary(workdir, vocab)
   data.log_sizes(vocab, sources)
+  tags = {'vocabulary': data.vocabulary_fingerprint(vocab)}
   model = build_model(config, len(vocab))
   total = loop.total_steps(config, len(sources['train']))
   state0 = (starting_state(config, model, make_optimizer(config.optim, total))
@@ -164,15 +169,35 @@ def training_job(config, workdir: str, splits: Splits) -> tuple[loop.Job, Traine
   val_data = val.eval_dataset(vocab, batch_size=config.eval.batch_size,
                               caption_length=config.data.caption_length)
   if state0 is not None:
-    seed_initial_checkpoint(config, workdir, state0, train_data)
+    seed_initial_checkpoint(config, workdir, state0, train_data, tags)
   mesh = sharding.make_mesh()
   step_fn = steps.caption_feature_train_step if from_features else steps.caption_train_step
   job = loop.Job(model=model, sample_inputs=sample_inputs(config), train_data=train_data,
                  train_step=functools.partial(step_fn, attention_reg=config.model.attention_reg),
                  validate=lambda st: evaluation.teacher_forced_metrics(
                      st, val_data, mesh, val.input_key),
-                 total_steps=total)
+                 total_steps=total, name='cross_entropy', checkpoint_extras=tags)
+  if config.train.get('scst_steps'):
+    job.then = (scst.phase(config, model, vocab, train.source, train_captions,
+                           input_key=train.input_key, image_fn=train.image_fn),)
   return job, dataclasses.replace(trained, state=None)
+
+
+def check_checkpoints_vocabulary(workdir: str, vocab: Vocabulary) -> None:
+  """Raises UserError when the workdir's checkpoints were trained with another vocabulary
+  (vocab.json replaced or rebuilt from other data): resuming, a self-critical phase above all,
+  would read the model's word ids as other words. Checkpoints that record none pass."""
+  newest = checkpoint.newest_data_state(workdir)
+  saved = newest[1].get('vocabulary') if newest else None
+  ours = data.vocabulary_fingerprint(vocab)
+  if saved is None or saved == ours:
+    return
+  raise UserError(
+      f'The checkpoints in {os.path.join(workdir, "checkpoints")} (newest: step {newest[0]}) '
+      f'were trained with a vocabulary of {saved["words"]} words (sha256 {saved["sha256"]}), '
+      f'but this run\'s vocabulary, {os.path.join(workdir, data.VOCAB_FILE)} or one built from '
+      f'the training captions, has {ours["words"]} words (sha256 {ours["sha256"]}); put back '
+      f'the vocab.json they were trained with, or train in a new --workdir.')
 
 
 def _train_dataset(config, vocab, train: data.SplitInputs, from_features: bool):

@@ -279,6 +279,27 @@ def restore_latest(mngr: ocp.CheckpointManager, target_state, *, set_aside: bool
   return None
 
 
+def newest_data_state(workdir: str) -> Optional[tuple[int, dict]]:
+  """(step, data state) of the newest checkpoint in `workdir` whose data state reads, without
+  reading any array (so a check of what a run resumes from costs nothing and moves nothing);
+  None when there is none."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not complete_steps(directory):
+    return None
+  mngr = manager(workdir, keep=1, async_save=False)
+  try:
+    for step in sorted(mngr.all_steps(), reverse=True):
+      try:
+        with _orbax_quiet():
+          restored = mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+        return step, dict(restored['data'])
+      except Exception:  # pylint: disable=broad-except
+        continue  # Damaged: the restore proper reports it; an older one may read.
+  finally:
+    mngr.close()
+  return None
+
+
 def restore_for_inference(workdir: str, model, tx, rng, *sample_inputs):
   """The newest readable train state in `workdir`, for eval/predict (no resume)."""
   from capjax.train import sharding

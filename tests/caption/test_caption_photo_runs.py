@@ -1,9 +1,11 @@
 """Tiny captioning runs on generated Flickr8k/COCO fixtures: one per decoder.
 
-  inject     tiny_cnn trained end to end from the decoded images (Flickr8k official layout)
+  inject     tiny_cnn trained end to end from the decoded images (Flickr8k official layout),
+             then self-critical steps on them
   merge      a frozen resnet_tiny with weights from a Keras .h5 file: features cached once, the
              decoder trains on them
-  attention  a frozen tiny_cnn's cached 4x4 feature grid (COCO layout), with attention maps
+  attention  a frozen tiny_cnn's cached 4x4 feature grid (COCO layout), with attention maps,
+             and self-critical steps on the cached features
 
 The Flickr8k fixture withholds its test images, like the real download here: runs that never
 read 'test' must not need them.
@@ -52,8 +54,14 @@ def data(tmp_path_factory):
 def inject_run(data):
   workdir = str(data / 'inject')
   c = _config('dataset=flickr8k,decoder=inject', data / 'f8k', data)
+  c.train.scst_steps = 2
   run.main(c, workdir, 'train')
   return workdir
+
+
+def _assert_scst_ran(workdir):
+  rows = rh.train_rows(workdir)
+  assert 'loss' in rows[3] and 'sample_reward' in rows[5] and 'greedy_reward' in rows[5]
 
 
 def _keras_file(path):
@@ -85,6 +93,7 @@ def test_inject_trained_end_to_end_from_images_leaves_scores(inject_run):
   for key in ('bleu_4', 'cider', 'loss', 'token_accuracy'):
     assert np.isfinite(results[key]), key
   assert os.path.getsize(os.path.join(inject_run, 'samples.png')) > 0
+  _assert_scst_ran(inject_run)
 
 
 def test_merge_on_a_frozen_encoder_trains_from_cached_features_then_reuses_them(merge_run,
@@ -117,7 +126,9 @@ def test_attention_over_the_cached_grid_draws_attention_maps(data):
   workdir = str(data / 'attention')
   c = _config('dataset=coco,decoder=attention', data / 'coco', data)
   c.optim.encoder_lr_scale = 0.0  # runlocal's tiny_cnn, frozen: its 4x4 grid is cached.
+  c.train.scst_steps = 2
   run.main(c, workdir, 'train')
+  _assert_scst_ran(workdir)
   assert os.path.getsize(os.path.join(workdir, 'attention_0.png')) > 0
   assert json.load(open(os.path.join(workdir, 'eval.json')))['num_examples'] == 4
 
