@@ -111,7 +111,9 @@ COMMON = [
     *rules(fraction, UNIT_FRACTION, 'optim.b1', 'optim.b2', 'optim.momentum', 'model.dropout'),
     Rule('optim.grad_clip_norm', non_negative, 'a number >= 0 (0: no clipping)'),
     choice_rule('eval.split', 'train', 'validation', 'test'),
-    choice_rule('model.dtype', 'float32', 'bfloat16', 'float16'),
+    # The compute dtype; params, optimizer state, losses stay float32 (docs/mixed_precision.md).
+    # No float16: its gradients underflow without loss scaling, which capjax does not do.
+    choice_rule('model.dtype', 'float32', 'bfloat16'),
 ]
 
 _MISSING = object()

@@ -71,6 +71,8 @@ def get_config(arg=None):
   # conv: 'flax' (nn.Conv) or 'layers' (capjax.models.layers.Conv, faster weight gradients on
   # small grids). score: attention scores, 'additive' (Bahdanau) or 'dot' (Luong). query: which
   # state attends, 'previous' (Show, Attend and Tell) or 'current' (Luong: after reading the word).
+  # dtype: the compute dtype, 'float32' or 'bfloat16' (params, optimizer state, LSTM cell state
+  # and loss stay float32; docs/mixed_precision.md).
   c.model = ml_collections.ConfigDict(dict(
       encoder=arg.encoder, decoder=arg.decoder, widths=(64, 64, 128, 128),
       strides=(1, 1, 2, 1), patch=4, norm=True, conv='flax',

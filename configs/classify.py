@@ -55,7 +55,8 @@ def get_config(arg=None):
   # name: a preset of capjax.models.classifier.PRESETS. The other fields override the
   # preset where set (0 / () keep its value). conv: 'layers' (capjax.models.layers.Conv:
   # nn.Conv's values, computed the way measured fastest under the XLA flags in effect) or
-  # 'flax' (nn.Conv).
+  # 'flax' (nn.Conv). dtype: the compute dtype, 'float32' or 'bfloat16' (params, optimizer state
+  # and loss stay float32; docs/mixed_precision.md).
   c.model = ml_collections.ConfigDict(dict(
       name=arg.model or _DEFAULT_MODEL.get(arg.dataset, 'simple_cnn'), widths=(),
       convs_per_stage=0, stage_sizes=(), stem_width=0, stem_stride=0, dropout=0.0,

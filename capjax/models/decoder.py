@@ -6,6 +6,11 @@ weights without any reshaping. Inject and merge use `capjax.models.lstm.LSTM` (O
 maths with the input projection hoisted out of the scan and a hand-written backward pass: 1.4x
 faster forward + backward at the benchmark's 64 x 20 x 512 on the 2-core CPU); attention's LSTM
 input depends on each step's context, so it keeps flax's cell inside its scan.
+
+`dtype` is the compute dtype (`model.dtype`): params are float32 whatever it is; embeddings,
+matmuls and activations run in it; the LSTM cell state c stays float32 (see capjax.models.lstm);
+the word logits leave every decoder as float32, so the loss, the log-softmax of beam search and
+the attention softmax are float32.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from capjax.models import lstm
 
 class _Decoder(nn.Module):
   """What every decoder has: the vocabulary, word embedding, LSTM width, dropout, the optional
-  LayerNorm of the image features, and the float32 word classifier 'out'."""
+  LayerNorm of the image features, and the word classifier 'out' (float32 logits)."""
   vocab_size: int
   embed_dim: int = 128
   hidden: int = 256
@@ -30,9 +35,15 @@ class _Decoder(nn.Module):
 
   def _shared_setup(self):
     self.feature_ln = _feature_ln(self.feature_norm, self.dtype)
-    self.embed = nn.Embed(self.vocab_size, self.embed_dim, name='embed')
+    self.embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype, name='embed')
     self.drop = nn.Dropout(self.dropout)
-    self.out = nn.Dense(self.vocab_size, dtype=jnp.float32, name='out')
+    # The vocabulary projection is most of a captioning step's matmul work (61% of its FLOPs at
+    # the benchmark's shapes), so it runs in the compute dtype like every other matmul.
+    self.out = nn.Dense(self.vocab_size, dtype=self.dtype, name='out')
+
+  def _word_logits(self, x):
+    """'out' then float32: whatever the compute dtype, the softmax and the loss are float32."""
+    return self.out(x).astype(jnp.float32)
 
   def _initial_state(self):
     """The Dense layers that map the image to the LSTM's initial (h, c)."""
@@ -77,14 +88,14 @@ class InjectDecoder(_Decoder):
       xs = jnp.concatenate([xs, jnp.broadcast_to(v_BxE[:, None, :], xs.shape)], -1)
     xs = self.drop(xs, deterministic=not train)
     _, hs_BxTxH = self.lstm(carry, xs)
-    return self.out(self.drop(hs_BxTxH, deterministic=not train))
+    return self._word_logits(self.drop(hs_BxTxH, deterministic=not train))
 
   def start(self, features):
     """(carry, logits of the first word) from the image alone."""
     carry, v_BxE = self._image(features)
     x = jnp.concatenate([v_BxE, v_BxE], -1) if self.every_step else v_BxE
     carry, h = self.lstm.step(carry, x)
-    return (carry, v_BxE), self.out(h)
+    return (carry, v_BxE), self._word_logits(h)
 
   def step(self, state, token_B):
     """(state, logits of the next word) after feeding `token_B`."""
@@ -93,7 +104,7 @@ class InjectDecoder(_Decoder):
     if self.every_step:
       x = jnp.concatenate([x, v_BxE.astype(x.dtype)], -1)
     carry, h = self.lstm.step(carry, x)
-    return (carry, v_BxE), self.out(h)
+    return (carry, v_BxE), self._word_logits(h)
 
 
 def _feature_ln(enabled: bool, dtype):
@@ -138,7 +149,7 @@ class MergeDecoder(_Decoder):
   def _logits(self, h, v, train: bool):
     v = v.astype(h.dtype)
     merged = h + v if self.merge == 'add' else jnp.concatenate([h, v], -1)
-    return self.out(self.drop(nn.relu(self.mix(merged)), deterministic=not train))
+    return self._word_logits(self.drop(nn.relu(self.mix(merged)), deterministic=not train))
 
   def _zero_carry(self, batch: int):
     zeros = jnp.zeros((batch, self.hidden), self.dtype)
@@ -179,6 +190,11 @@ def grid_position_features(h: int, w: int, frequencies: int = 4) -> jnp.ndarray:
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1)
 
 
+def _float32(fn):
+  """`fn` applied to its input cast to float32."""
+  return lambda x: fn(x.astype(jnp.float32))
+
+
 class AttendStep(nn.Module):
   """One decoder step with soft attention over the grid.
 
@@ -208,16 +224,21 @@ class AttendStep(nn.Module):
   @nn.compact
   def __call__(self, carry, x_BxE, keys_BxNxA, values_BxNxD):
     (c, h), coverage_BxN, fed_BxD = carry
-    lstm = nn.OptimizedLSTMCell(self.hidden, dtype=self.dtype, name='lstm')
+    # Gates and c in float32, from the cell's bf16 matmuls under bf16 compute (as in
+    # capjax.models.lstm, whose docstring says why).
+    lstm = nn.OptimizedLSTMCell(self.hidden, dtype=self.dtype, gate_fn=_float32(jax.nn.sigmoid),
+                                activation_fn=_float32(jnp.tanh), name='lstm')
     if self.query == 'current':
-      (c, h), h = lstm((c, h), jnp.concatenate([x_BxE, fed_BxD.astype(x_BxE.dtype)], -1))
+      (c, h), _ = lstm((c, h), jnp.concatenate([x_BxE, fed_BxD.astype(x_BxE.dtype)], -1))
+      h = h.astype(self.dtype)  # o * tanh(c) is float32; h feeds matmuls, in the compute dtype.
       alpha_BxN, context = self._attend(h, coverage_BxN, keys_BxNxA, values_BxNxD)
       fed_BxD = context
     else:
       alpha_BxN, context = self._attend(h, coverage_BxN, keys_BxNxA, values_BxNxD)
       # The gate lets the model say "no image needed here" (articles, relations).
       gate = nn.sigmoid(nn.Dense(1, dtype=self.dtype, name='gate')(h))
-      (c, h), h = lstm((c, h), jnp.concatenate([x_BxE, gate * context], -1))
+      (c, h), _ = lstm((c, h), jnp.concatenate([x_BxE, gate * context], -1))
+      h = h.astype(self.dtype)
     if self.coverage:
       coverage_BxN = coverage_BxN + alpha_BxN
     return ((c, h), coverage_BxN, fed_BxD), (jnp.concatenate([h, context], -1), alpha_BxN)
@@ -264,7 +285,8 @@ class AttentionDecoder(_Decoder):
     b, c = features.shape[0], features.shape[-1]
     grid_BxNxC = self.feature_ln(features.reshape(b, -1, c))
     mean = grid_BxNxC.mean(1)
-    lstm_carry = (jnp.tanh(self.init_c(mean)), jnp.tanh(self.init_h(mean)))
+    # c is float32 under any compute dtype, as AttendStep's float32 gates return it.
+    lstm_carry = (jnp.tanh(self.init_c(mean)).astype(jnp.float32), jnp.tanh(self.init_h(mean)))
     coverage = jnp.zeros(grid_BxNxC.shape[:2], jnp.float32) if self.coverage else None
     fed = jnp.zeros((b, self.hidden), self.dtype) if self.query == 'current' else None
     carry = (lstm_carry, coverage, fed)
@@ -283,7 +305,7 @@ class AttentionDecoder(_Decoder):
                    in_axes=(1, nn.broadcast, nn.broadcast), out_axes=1)
     _, (outs_BxTxF, alphas_BxTxN) = scan(self.cell, carry, xs, keys, values)
     self.sow('intermediates', 'attention', alphas_BxTxN)
-    return self.out(self.drop(outs_BxTxF, deterministic=not train))
+    return self._word_logits(self.drop(outs_BxTxF, deterministic=not train))
 
   def start(self, features):
     carry, keys, values = self._memory(features)
@@ -294,4 +316,4 @@ class AttentionDecoder(_Decoder):
     carry, keys, values = state
     carry, (out, alpha) = self.cell(carry, self.embed(token_B), keys, values)
     self.sow('intermediates', 'step_attention', alpha)
-    return (carry, keys, values), self.out(out)
+    return (carry, keys, values), self._word_logits(out)

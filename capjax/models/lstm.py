@@ -11,6 +11,15 @@ along the last axis:
   bias              (4H,)     = concat of hi, hf, hg, ho biases
 
 `lstm_params_from_cell` converts OptimizedLSTMCell params to this layout.
+
+Mixed precision (`dtype=jnp.bfloat16`): the matmuls run in bf16; the gates and the cell state c
+in float32, from the matmuls' bf16 pre-activations. c is a running sum over the sequence
+(c' = f * c + i * g), and bf16 has 8 bits of mantissa: a forget gate of 0.9975 (a memory of ~400
+steps) is either 0.9961 or 1.0 in bf16, and an update smaller than c / 512 is lost, so the errors
+compound over the steps (tests/models/test_mixed_precision.py measures it). This elementwise work
+costs no matmul time. h = o * tanh(c) only feeds matmuls and is bounded, so it goes back to bf16 at
+each step. Recurrent codebases do the same: RecurrentGemma's scan carries its state in float32 and
+emits the compute dtype.
 """
 from collections.abc import Callable
 import functools
@@ -27,8 +36,10 @@ Initializer = Callable[..., Array]
 
 
 def _gates(z_Bx4H, c_BxH):
-  """OptimizedLSTMCell's update from pre-activations z = x Wi + h Wh + b; returns (c, h, acts)."""
-  zi, zf, zg, zo = jnp.split(z_Bx4H, 4, axis=-1)
+  """OptimizedLSTMCell's update from pre-activations z = x Wi + h Wh + b; returns (c, h, acts).
+
+  The gates are computed in c's dtype (float32 under bf16 compute; see the module docstring)."""
+  zi, zf, zg, zo = jnp.split(z_Bx4H.astype(c_BxH.dtype), 4, axis=-1)
   i, f, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jax.nn.sigmoid(zo)
   g = jnp.tanh(zg)
   c = f * c_BxH + i * g
@@ -43,6 +54,7 @@ def lstm_step(params, carry, x_BxD):
   w = jnp.concatenate([params['input_kernel'], params['recurrent_kernel']], axis=0)
   z = jnp.concatenate([x_BxD, h.astype(x_BxD.dtype)], axis=-1) @ w + params['bias'][None]
   c, h, _ = _gates(z, c)
+  h = h.astype(x_BxD.dtype)  # c keeps its (float32) dtype; h goes back to the compute dtype.
   return (c, h), h
 
 
@@ -51,6 +63,7 @@ def _scan_forward(wh, b, xw_TxBx4H, c0, h0, unroll):
     c, h = carry
     # The bias is added here, where it fuses with the gates, not broadcast over all T steps.
     c, h, acts = _gates(xw + h @ wh + b[None], c)
+    h = h.astype(xw.dtype)  # c keeps its (float32) dtype; h goes back to the compute dtype.
     return (c, h), (h, c, jnp.concatenate(acts, axis=-1))
   return lax.scan(body, (c0, h0), xw_TxBx4H, unroll=unroll)
 
@@ -79,9 +92,10 @@ def _lstm_seq_bwd(unroll, res, cts):
     dh = dh + dh_out
     tc = jnp.tanh(c)
     dc = dc + dh * o * (1 - tc * tc)
+    # dc (like c) is float32 under bf16 compute, so dz is too: it goes to the matmuls' dtype.
     dz = jnp.concatenate(
         [dc * g * i * (1 - i), dc * cp * f * (1 - f), dc * i * (1 - g * g), dh * tc * o * (1 - o)],
-        axis=-1)
+        axis=-1).astype(wh.dtype)
     # Only this product is sequential; weight gradients are formed after the scan.
     return (dc * f, dz @ wh_t), dz
 
@@ -89,9 +103,13 @@ def _lstm_seq_bwd(unroll, res, cts):
   (dc0, dh0), dz = lax.scan(body, (dc_T, dh_T), (dhs, cs, c_prev, acts), reverse=True,
                             unroll=unroll)
   # One (D + H, T*B) x (T*B, 4H) product for both weight gradients: fewer, larger matmuls.
-  dw = jnp.einsum('tbk,tbg->kg', jnp.concatenate([x, h_prev], axis=-1), dz)
+  # Sums over all T*B terms accumulate in float32 whatever the compute dtype; each gradient is
+  # returned in its input's dtype, as custom_vjp requires.
+  dw = jnp.einsum('tbk,tbg->kg', jnp.concatenate([x, h_prev], axis=-1), dz,
+                  preferred_element_type=jnp.float32).astype(wi.dtype)
   d = x.shape[-1]
-  return dw[:d], dw[d:], dz.sum(axis=(0, 1)), dc0, dh0, dz @ wi.T
+  db = dz.sum(axis=(0, 1), dtype=jnp.float32).astype(dz.dtype)
+  return dw[:d], dw[d:], db, dc0, dh0, dz @ wi.T
 
 
 _lstm_seq.defvjp(_lstm_seq_fwd, _lstm_seq_bwd)
@@ -160,7 +178,9 @@ class LSTM(nn.Module):
     batch = x.shape[0]
     if carry is None:
       carry = self.zero_carry(batch)
-    x, c, h, *ws = promote_dtype(x, *carry, *params.values(), dtype=self.dtype)
+    c, h = carry
+    x, h, *ws = promote_dtype(x, h, *params.values(), dtype=self.dtype)
+    c = c.astype(jnp.promote_types(x.dtype, jnp.float32))  # See the module docstring.
     params = dict(zip(params, ws))
     if x.ndim == 2:
       return lstm_step(params, (c, h), x)

@@ -30,7 +30,8 @@ def _conv_flops(eqn) -> int:
   return 2 * math.prod(out.shape) * kernel_in * kernel_spatial
 
 
-def _sub_jaxprs(eqn):
+def sub_jaxprs(eqn):
+  """The programs nested in `eqn` (scan and cond bodies, pjit, custom_vjp rules, remat)."""
   for value in eqn.params.values():
     for v in (value if isinstance(value, (list, tuple)) else (value,)):
       if isinstance(v, jex_core.ClosedJaxpr):
@@ -53,7 +54,7 @@ def jaxpr_flops(jaxpr) -> int:
     elif name == 'cond':  # Only one branch runs: count the costliest.
       total += max(jaxpr_flops(b.jaxpr) for b in eqn.params['branches'])
     else:  # pjit, custom_jvp/vjp, remat, while (trip count unknown: once) ...
-      total += sum(jaxpr_flops(sub) for sub in _sub_jaxprs(eqn))
+      total += sum(jaxpr_flops(sub) for sub in sub_jaxprs(eqn))
   return total
 
 
