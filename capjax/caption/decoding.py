@@ -12,6 +12,18 @@ from capjax.errors import UserError
 NEG = -1e9  # "Impossible" score; finite so that sums never produce NaN.
 
 
+def argmax_last(x):
+  """`jnp.argmax(x, -1)` (the first index of the maximum) as a max and a min over the last axis.
+
+  XLA:CPU's argmax is a variadic reduce that does not vectorise: 3.1 ms for 256 x 5000 logits,
+  against 1.1 ms for this, and greedy decoding takes one per step (2-core EPYC, jax 0.10.2).
+  Unlike argmax, a row holding NaN gives the last index (NaN equals no maximum).
+  """
+  last = x.shape[-1] - 1
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  return jnp.min(jnp.where(x == x.max(-1, keepdims=True), iota, last), -1)
+
+
 def greedy(apply_fn, variables, features, *, max_len: int, end_id: int, pad_id: int = 0):
   """B x max_len token ids: argmax at every step, <pad> after <end>."""
   if max_len < 1:
@@ -19,7 +31,7 @@ def greedy(apply_fn, variables, features, *, max_len: int, end_id: int, pad_id: 
   carry, logits = apply_fn(variables, features, method='start')
 
   def pick(logits, done):
-    token = jnp.where(done, pad_id, jnp.argmax(logits, -1)).astype(jnp.int32)
+    token = jnp.where(done, pad_id, argmax_last(logits)).astype(jnp.int32)
     return token, done | (token == end_id)
 
   def body(state, _):
@@ -114,7 +126,7 @@ def sample_with_greedy(apply_fn, variables, features, rng, *, num_samples: int, 
     logits = logits.astype(jnp.float32)
     noise = jax.random.gumbel(jax.random.fold_in(rng, t), logits.shape, jnp.float32)
     scores = jnp.where(sampled_row, logits + banned_1xV + noise, logits)
-    token = jnp.where(done, pad_id, jnp.argmax(scores, -1)).astype(jnp.int32)
+    token = jnp.where(done, pad_id, argmax_last(scores)).astype(jnp.int32)
     return token, done | (token == end_id)
 
   def body(state, t):

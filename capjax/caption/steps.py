@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from capjax.train import optim
 from capjax.train import state as state_lib
 from capjax.train.state import TrainState
 
@@ -64,7 +63,7 @@ def _caption_step(state: TrainState, batch: dict, rng: jax.Array, attention_reg:
   new_state = state.apply_gradients(grads=grads)
   if batch_stats is not None:
     new_state = new_state.replace(batch_stats=batch_stats)
-  metrics = {'loss': loss, 'token_accuracy': acc, 'grad_norm': optim.global_norm(grads)}
+  metrics = {'loss': loss, 'token_accuracy': acc, 'grad_norm': optax.tree.norm(grads)}
   return new_state, metrics
 
 
@@ -148,5 +147,5 @@ def scst_train_step(state: TrainState, batch: dict, rng: jax.Array, *, from_feat
 
   (loss, log_p_BxK), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   metrics = {'scst_loss': loss, 'sample_log_prob': log_p_BxK.mean(),
-             'grad_norm': optim.global_norm(grads)}
+             'grad_norm': optax.tree.norm(grads)}
   return state.apply_gradients(grads=grads), metrics

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from capjax.train import optim
 from capjax.train import state as state_lib
 from capjax.train.state import TrainState
 
@@ -50,7 +49,7 @@ def classify_train_step(state: TrainState, batch: dict, rng: jax.Array, *,
       'objective': objective,
       'loss': optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
       'accuracy': (jnp.argmax(logits, -1) == labels).astype(jnp.float32).mean(),
-      'grad_norm': optim.global_norm(grads),
+      'grad_norm': optax.tree.norm(grads),
   }
   return new_state, metrics
 

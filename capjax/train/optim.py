@@ -7,7 +7,6 @@ no optimizer state, no weight decay). Without the field, or at 1, every param is
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 
@@ -41,15 +40,4 @@ def _encoder_labels(params) -> dict:
   """'encoder' for every leaf under params['encoder'], 'rest' for all others."""
   return {k: jax.tree.map(lambda _, k=k: 'encoder' if k == 'encoder' else 'rest', v)
           for k, v in params.items()}
-
-
-def global_norm(tree) -> jax.Array:
-  """The L2 norm of all leaves together (float32), as `optax.tree.norm`, with each leaf's sum
-  of squares taken as a dot product: XLA:CPU splits `sum(g * g)` over a large leaf into a
-  reduce-window (8 ms for the 512 x 5000 vocabulary kernel's gradient, 3% of the benchmark's
-  caption step on the 2-core EPYC), where a dot reads the leaf once at memory speed. HIGHEST:
-  a TPU's default precision would multiply float32 in bf16."""
-  squares = [jnp.vdot(x, x, precision=jax.lax.Precision.HIGHEST).real.astype(jnp.float32)
-             for x in jax.tree.leaves(tree)]
-  return jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
 

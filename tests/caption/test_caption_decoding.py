@@ -242,3 +242,12 @@ def test_attention_maps_of_a_batch_match_each_example_alone():
     assert maps.shape == (len(words), features.shape[1] * features.shape[2])
     np.testing.assert_allclose(maps, alone_maps, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(maps.sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_argmax_last_equals_argmax_ties_included(dtype):
+  x = jax.random.normal(jax.random.key(0), (4, 6, 300)).astype(dtype)
+  # Ties: a repeated maximum (argmax takes its first index), all-equal rows, -inf entries.
+  x = x.at[0, 0, 7].set(9.0).at[0, 0, 250].set(9.0).at[1].set(0.5).at[2, :, ::2].set(-jnp.inf)
+  np.testing.assert_array_equal(decoding.argmax_last(x), jnp.argmax(x, -1))
+  assert decoding.argmax_last(x)[0, 0] == 7 and (decoding.argmax_last(x)[1] == 0).all()

@@ -2,10 +2,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from capjax.caption import steps
-from capjax.train import optim
 
 
 def test_top1_correct_equals_argmax_where_no_logits_tie():
@@ -29,13 +27,3 @@ def test_masked_token_stats_accuracy_skips_pads():
   _, correct, count = steps.masked_token_stats(logits, targets)
   assert (float(correct), float(count)) == (2.0, 3.0)
 
-
-def test_global_norm_equals_optax_on_mixed_leaves():
-  k = jax.random.split(jax.random.key(0), 3)
-  tree = {'w': jax.random.normal(k[0], (512, 300)) * 3.0, 'b': jax.random.normal(k[1], (7,)),
-          'h': {'bf16': jax.random.normal(k[2], (5, 4)).astype(jnp.bfloat16)},
-          'scalar': jnp.float32(2.0)}
-  got = optim.global_norm(tree)
-  assert got.dtype == jnp.float32
-  np.testing.assert_allclose(got, optax.tree.norm(tree), rtol=1e-5)
-  assert float(optim.global_norm({'z': jnp.zeros(3)})) == 0.0
