@@ -19,8 +19,10 @@ CPU measured, above all for weight gradients:
 Dots and other fusions are unchanged. No Arm CPU has been measured, so there it stays on.
 
 oneDNN (`--xla_cpu_use_onednn=true`) is not set anywhere yet: a 2048² f32 matmul alone ran
-faster with it on the AMX Xeon (169 vs 127 GFLOP/s), but on the AVX-512 EPYC it made the whole
-classify step slower (25.6 vs 42.5 img/s in the same loaded pair).
+faster with it on the AMX Xeon (169 vs 127 GFLOP/s), but no whole step has been measured there,
+and on the AVX-512 EPYC the whole steps did not move beyond the noise (two alternating pairs on
+the idle machine: classify 64.9 / 62.9 img/s with it, 56.9 / 64.6 without; caption 216.5 /
+188.5 captions/s with it, 195.6 / 212.4 without; one loaded pair had classify 25.6 vs 42.5).
 """
 from __future__ import annotations
 
