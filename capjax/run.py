@@ -147,6 +147,7 @@ def main(config, workdir: str, mode: str, images=()) -> None:
     evaluate_workdir(config, workdir)
     return
   task = tasks.get(config.task)
+  task.check_start(config, workdir)
   # The lock first, so a second run on this workdir stops before it touches anything (data
   # included); with several processes process 0 prepares the data set before the others read it.
   with lock.held(workdir), disk_full.reported(workdir):

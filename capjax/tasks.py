@@ -50,6 +50,10 @@ class Task(Protocol):
   def validate(self, config) -> None:
     """Raises UserError naming the first config field that cannot work."""
 
+  def check_start(self, config, workdir: str) -> None:
+    """Raises UserError, before anything is read or written, when training cannot start or
+    resume in `workdir` with `config` (a file the config names is missing or unusable)."""
+
   def load_splits(self, config, splits: Sequence[str] | None = None) -> Splits:
     """The prepared data of config.dataset (generated or converted the first time)."""
 

@@ -6,7 +6,8 @@ Arguments:
   encoder=  shapes_cnn (default for shapes), cnn (the same small CNN, trained from scratch;
             default for the real data sets), tiny_cnn, resnet50, xception (Keras layout;
             weights from --config.model.encoder_weights=FILE.h5, random init without),
-            resnet_tiny (tests)
+            resnet_tiny (tests); --config.model.encoder_init=CLASSIFY_WORKDIR takes a
+            trained capjax classifier's backbone instead
   decoder=  inject (Show and Tell: init-inject; par-inject with every_step), merge (the
             Keras seed's merge model; default with resnet50/xception), attention (Show,
             Attend and Tell; the default otherwise)
@@ -79,7 +80,10 @@ def get_config(arg=None):
       embed_dim=128, hidden=256, pool='flatten', every_step=True, dropout=0.0,
       attn_dim=128, score='additive', query='current', coverage=False, attention_reg=0.01,
       merge='add', feature_norm=False, dtype='float32',
-      encoder_weights=ml_collections.FieldReference(None, field_type=str)))  # Keras .h5 file.
+      encoder_weights=ml_collections.FieldReference(None, field_type=str),  # Keras .h5 file.
+      # A classify workdir whose trained backbone becomes the encoder (replacing model.encoder;
+      # frozen with optim.encoder_lr_scale=0, else fine-tuned; docs/captioning.md).
+      encoder_init=ml_collections.FieldReference(None, field_type=str)))
 
   # scst_steps: self-critical steps after the cross-entropy ones (0: none; see c.scst).
   c.train = ml_collections.ConfigDict(dict(

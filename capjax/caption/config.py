@@ -61,7 +61,7 @@ def validate(config) -> None:
   configlib.check_common(config)
   configlib.check(config, RULES)
   m = config.model
-  if m.encoder in PATCH_ENCODERS:
+  if m.encoder in PATCH_ENCODERS and not m.get('encoder_init'):
     # Checked for tiny_cnn too, though it fixes its own: a malformed value is a typo anyway.
     configlib.check(config, _SMALL_CNN_RULES)
     if len(m.widths) != len(m.strides):
@@ -80,6 +80,9 @@ def validate(config) -> None:
                     f'image\'s other samples, so it needs --config.scst.num_samples >= 2 (got '
                     f'{scst.num_samples}); raise it or use --config.scst.baseline=greedy.')
   weights = m.get('encoder_weights')
+  if weights and m.get('encoder_init'):
+    raise UserError('--config.model.encoder_weights and --config.model.encoder_init both name '
+                    'the encoder\'s starting weights; set one of them.')
   if weights and m.encoder not in catalog.KERAS_BACKBONES:
     raise UserError(f'--config.model.encoder_weights is set, but --config.model.encoder='
                     f'{m.encoder} has no Keras weights; use resnet50 or xception, or unset '

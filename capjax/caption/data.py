@@ -154,11 +154,13 @@ def feature_encoder(encoder, encoder_variables: dict, pooled: bool) -> Callable:
 
 
 def split_inputs(config, split: str, source, *, encode: Callable | None = None,
-                 weights_id: str | None = None) -> SplitInputs:
+                 weights_id: str | None = None, encoder_name: str | None = None
+                 ) -> SplitInputs:
   """What `split` feeds the model: pixels, decoded images, or cached features.
 
   `encode` (from `feature_encoder`) and `weights_id` are needed with a frozen encoder; one
-  `encode` serves every split, so it is compiled once.
+  `encode` serves every split, so it is compiled once. `encoder_name` names the encoder in the
+  cache key (default config.model.encoder).
   """
   size = image_size(config)
   if config.dataset == 'shapes' and not uses_feature_cache(config):
@@ -167,7 +169,7 @@ def split_inputs(config, split: str, source, *, encode: Callable | None = None,
   if uses_feature_cache(config):
     pooled = not needs_grid(config)
     key = features.cache_key(dataset=config.dataset, split=split, records=split_name(source),
-                             encoder=config.model.encoder, weights=weights_id,
+                             encoder=encoder_name or config.model.encoder, weights=weights_id,
                              image_size=size, pooled=pooled)
     path = features.ensure(cache_dir(config), key, read_ids(source),
                            lambda i: decode(source[i]), encode,

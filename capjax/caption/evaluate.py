@@ -17,6 +17,7 @@ from capjax.caption.data import SplitInputs
 from capjax.data import loading, shapes
 from capjax.data.tokenizer import Vocabulary
 from capjax.metrics.caption import caption_metrics, cosine_similarity
+from capjax.metrics.diversity import caption_diversity
 from capjax.runtime import distributed
 from capjax.train import sharding
 from capjax.train import state as state_lib
@@ -93,7 +94,9 @@ def attention_maps(model, variables, features, vocab: Vocabulary, max_len: int) 
 def evaluate(model, state, vocab: Vocabulary, inputs, *, config, workdir: str, split: str,
              scene_accuracy: Optional[Callable[[dict, dict], dict]] = None) -> dict:
   """Scores a split and writes eval.json, captions_<split>.jsonl, samples.png (and
-  attention_<k>.png for attention decoders).
+  attention_<k>.png for attention decoders). Besides the caption metrics, eval.json says how
+  varied the captions are (`caption_diversity`: distinct captions, distinct-1/2, the most
+  common caption).
 
   `inputs` is a SplitInputs, or a plain source of {'image' (uint8), 'captions'}.
   """
@@ -115,6 +118,7 @@ def evaluate(model, state, vocab: Vocabulary, inputs, *, config, workdir: str, s
   refs = {i: [loading.text(c) for c in source[i]['captions']] for i in hyps}
   results.update(caption_metrics(refs, hyps, meteor=config.eval.meteor))
   results['cosine_similarity'] = cosine_similarity(refs, hyps)
+  results.update(caption_diversity(hyps))
   if scene_accuracy is not None:
     results.update(scene_accuracy(refs, hyps))
   results.update({'decoding': config.eval.decoding, 'beam_size': int(
@@ -137,7 +141,7 @@ def _write(workdir, split, results, refs, hyps, inputs: SplitInputs, config) -> 
       f.write(json.dumps({'index': i, 'generated': hyps[i], 'references': refs[i]}) + '\n')
   shown = sorted(hyps)[:config.eval.num_samples]
   plots.plot_caption_samples([inputs.image(i) for i in shown],
-                             [hyps[i] for i in shown], [refs[i][0] for i in shown],
+                             [hyps[i] for i in shown], [refs[i] for i in shown],
                              os.path.join(workdir, 'samples.png'))
   logging.info('Evaluation on %s: %s', split, json.dumps(
       {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))

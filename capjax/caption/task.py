@@ -8,9 +8,12 @@ rate scale) or are frozen (scale 0): a frozen encoder runs once per split into t
 cache and the decoder trains on those features. Either way the encoder's variables live in the
 train state, so checkpoints, --mode=eval and --mode=predict see one whole captioner.
 
-An encoder that does not start from the loop's own random init (Keras .h5 weights, or the
-frozen random encoder whose features were cached) is written into the workdir as the step-0
-checkpoint before the loop starts; the loop then resumes from it, as it resumes any run.
+An encoder that does not start from the loop's own random init (Keras .h5 weights, a trained
+classifier's backbone, or the frozen random encoder whose features were cached) is written into
+the workdir as the step-0 checkpoint before the loop starts; the loop then resumes from it, as
+it resumes any run. A classifier's backbone (config.model.encoder_init) also leaves
+encoder_init.json (capjax.caption.encoder_init), which builds that encoder again for resuming,
+evaluation and predict.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from capjax import tasks
-from capjax.caption import data, pipeline, scst, steps
+from capjax.caption import data, encoder_init, pipeline, scst, steps
 from capjax.caption import evaluate as evaluation
 from capjax.caption import predict as prediction
 from capjax.caption.bench import BUILDERS as BENCH
@@ -41,22 +44,25 @@ from capjax.train import state as state_lib
 from capjax.train.optim import make_optimizer
 
 # capjax.tasks.Task, which the runtime uses; the rest is this task's own API.
-__all__ = ['NAME', 'CURVES', 'BENCH', 'validate', 'load_splits', 'training_job', 'run_info',
-           'restore_trained', 'evaluate', 'predict', 'describe']
+__all__ = ['NAME', 'CURVES', 'BENCH', 'validate', 'check_start', 'load_splits', 'training_job',
+           'run_info', 'restore_trained', 'evaluate', 'predict', 'describe']
 NAME = 'caption'
 CURVES = ('loss', 'token_accuracy')
 
 
 @dataclasses.dataclass
 class Trained(tasks.Trained):
-  """A captioner, its vocabulary and, after training, the inputs each split was prepared as
-  (decoded images, cached features), so that evaluation reuses them."""
+  """A captioner, its vocabulary, the record of the classifier its encoder came from (if it
+did) and, after training, the inputs each split was prepared as (decoded images, cached
+features), so that evaluation reuses them."""
   vocab: Optional[Vocabulary] = None
+  encoder_init: Optional[dict] = None
   inputs: dict = dataclasses.field(default_factory=dict)
 
 
-def build_model(config, vocab_size: int) -> Captioner:
-  """The captioner named by config.model.encoder / config.model.decoder."""
+def build_model(config, vocab_size: int, classifier: dict | None = None) -> Captioner:
+  """The captioner named by config.model.encoder / config.model.decoder; with `classifier`
+  (an encoder_init.json record) its encoder is that classifier's backbone."""
   m = config.model
   dtype = jnp.dtype(m.dtype)
   common = dict(embed_dim=m.embed_dim, hidden=m.hidden, dropout=m.dropout,
@@ -70,7 +76,7 @@ def build_model(config, vocab_size: int) -> Captioner:
                                    score=m.get('score', 'additive'),
                                    coverage=bool(m.get('coverage', False)),
                                    query=m.get('query', 'previous'), **common)
-  return Captioner(encoders.build_encoder(m, dtype), dec)
+  return Captioner(encoders.build_encoder(m, dtype, classifier), dec)
 
 
 def sample_inputs(config):
@@ -95,13 +101,14 @@ def encoder_of(variables: dict) -> dict:
   return {k: v['encoder'] for k, v in variables.items() if 'encoder' in v}
 
 
-def starting_state(config, model: Captioner, tx):
-  """The run's step-0 state: the loop's own init (same key), with the Keras weights as the
-  encoder when config.model.encoder_weights is set. Without weights its random encoder is a
-  pure function of config.seed, so the cached features of a frozen random encoder match it."""
+def starting_state(config, model: Captioner, tx, loaded: dict | None = None):
+  """The run's step-0 state: the loop's own init (same key), with `loaded` (a classifier's
+  backbone) or the Keras weights of config.model.encoder_weights as the encoder. Without
+  either its random encoder is a pure function of config.seed, so the cached features of a
+  frozen random encoder match it."""
   state = state_lib.create(model, tx, jax.random.split(jax.random.key(config.seed))[0],
                            *sample_inputs(config))
-  loaded = load_encoder_weights(config, model)
+  loaded = load_encoder_weights(config, model) if loaded is None else loaded
   if loaded is None:
     return state
   params = {**state.params, 'encoder': jax.tree.map(jnp.asarray, loaded['params'])}
@@ -127,7 +134,8 @@ def seed_initial_checkpoint(config, workdir: str, state, train_data, tags: dict)
                                      'train_time_s': 0.0}, force=True)
     mngr.wait_until_finished()
     logging.info('Wrote the starting encoder (%s) as the step-0 checkpoint.',
-                 config.model.get('encoder_weights') or 'random init')
+                 config.model.get('encoder_weights') or config.model.get('encoder_init')
+                 or 'random init')
   finally:
     mngr.close()
 
@@ -142,9 +150,43 @@ def _encode_fn(config, model, state):
 
 def _split_inputs(config, split: str, source, trained: Trained) -> data.SplitInputs:
   # A frozen encoder is the trained state's own, so the cache key's weights id holds for it.
+  if trained.encoder_init is not None:
+    name, weights = encoder_init.cache_ids(trained.encoder_init)
+  else:
+    name = config.model.encoder
+    weights = features.weights_id(config.model.get('encoder_weights'), config.seed)
   return data.split_inputs(
       config, split, source, encode=_encode_fn(config, trained.model, trained.state),
-      weights_id=features.weights_id(config.model.get('encoder_weights'), config.seed))
+      weights_id=weights, encoder_name=name)
+
+
+def check_start(config, workdir: str) -> None:
+  """Raises UserError, before `workdir` is written to, when config.model.encoder_init cannot
+  start this run (capjax.caption.encoder_init.check_start)."""
+  encoder_init.check_start(config, workdir)
+
+
+def _starting_encoder(config, workdir: str) -> tuple[dict | None, dict | None]:
+  """(encoder_init record, classifier variables to start from). A resumed run has its record
+  and its encoder in its checkpoint (variables None); a new one reads the classifier of
+  config.model.encoder_init, or has neither."""
+  if encoder_init.resuming(workdir):
+    return encoder_init.read_record(workdir), None
+  path = config.model.get('encoder_init')
+  return encoder_init.load(path) if path else (None, None)
+
+
+def _initial_state(config, workdir: str, model: Captioner, tx, record, loaded):
+  """The state that seeds step 0 or computes a frozen encoder's features, or None (the loop's
+  own init serves). A resumed classifier encoder comes from the run's own checkpoint."""
+  if loaded is not None:
+    return starting_state(config, model, tx, loaded)
+  if record is not None:
+    if not data.uses_feature_cache(config):
+      return None
+    return checkpoint.restore_for_inference(workdir, model, tx, jax.random.key(0),
+                                            *sample_inputs(config))
+  return starting_state(config, model, tx) if _seeds_encoder(config) else None
 
 
 def training_job(config, workdir: str, splits: Splits) -> tuple[loop.Job, Trained]:
@@ -157,11 +199,14 @@ def training_job(config, workdir: str, splits: Splits) -> tuple[loop.Job, Traine
   data.save_vocabulary(workdir, vocab)
   data.log_sizes(vocab, sources)
   tags = {'vocabulary': data.vocabulary_fingerprint(vocab)}
-  model = build_model(config, len(vocab))
+  record, loaded = _starting_encoder(config, workdir)
+  model = build_model(config, len(vocab), record)
   total = loop.total_steps(config, len(sources['train']))
-  state0 = (starting_state(config, model, make_optimizer(config.optim, total))
-            if _seeds_encoder(config) else None)
-  trained = Trained(model, state0, vocab=vocab)
+  state0 = _initial_state(config, workdir, model, make_optimizer(config.optim, total), record,
+                          loaded)
+  if not encoder_init.resuming(workdir):  # Before step 0 is written; none for other encoders.
+    encoder_init.write_record(workdir, record)
+  trained = Trained(model, state0, vocab=vocab, encoder_init=record)
   trained.inputs = {s: _split_inputs(config, s, src, trained) for s, src in sources.items()}
   train, val = trained.inputs['train'], trained.inputs['validation']
   from_features = train.input_key == 'features'
@@ -209,18 +254,23 @@ def _train_dataset(config, vocab, train: data.SplitInputs, from_features: bool):
 
 
 def run_info(config) -> dict:
-  return dict(model=f'{config.model.encoder}+{config.model.decoder}',
-              image_size=data.image_size(config),
-              encoder_lr_scale=float(config.optim.get('encoder_lr_scale', 1.0)))
+  init = config.model.get('encoder_init')
+  encoder = 'classifier' if init else config.model.encoder
+  return dict(model=f'{encoder}+{config.model.decoder}', image_size=data.image_size(config),
+              encoder_lr_scale=float(config.optim.get('encoder_lr_scale', 1.0)),
+              **({'encoder_init': os.path.abspath(os.path.expanduser(init))} if init else {}))
 
 
 def restore_trained(config, workdir: str) -> Trained:
-  """The captioner of the newest readable checkpoint in `workdir`, with its vocabulary."""
+  """The captioner of the newest readable checkpoint in `workdir`, with its vocabulary; an
+  encoder taken from a classifier is built from the workdir's encoder_init.json, and its
+  weights are the checkpoint's (the classifier workdir is not read)."""
   vocab = prediction.load_vocabulary(workdir)
-  model = build_model(config, len(vocab))
+  record = encoder_init.read_record(workdir)
+  model = build_model(config, len(vocab), record)
   state = checkpoint.restore_for_inference(workdir, model, make_optimizer(config.optim, 1),
                                            jax.random.key(0), *sample_inputs(config))
-  return Trained(model, state, vocab=vocab)
+  return Trained(model, state, vocab=vocab, encoder_init=record)
 
 
 def evaluate(config, workdir: str, trained: Trained, splits: Splits) -> dict:

@@ -14,7 +14,7 @@ from capjax.models import classifier
 DATASETS = ('shapes30', 'tiny_imagenet30', 'image_folder')
 CROPS = ('pad', 'resized', 'none')
 # Architecture fields that override the preset config.model.name where they are set.
-OVERRIDES = ('widths', 'convs_per_stage', 'stage_sizes', 'stem_width', 'stem_stride')
+OVERRIDES = classifier.ARCH_FIELDS
 
 RULES = [
     choice_rule('dataset', *DATASETS),

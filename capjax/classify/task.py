@@ -23,30 +23,27 @@ from capjax.classify.bench import BUILDERS as BENCH
 from capjax.classify.config import OVERRIDES, validate
 from capjax.classify.data import load_splits
 from capjax.errors import UserError
-from capjax.models import classifier, layers
+from capjax.models import classifier
 from capjax.tasks import Splits
 from capjax.train import checkpoint, loop, sharding
 from capjax.train.optim import make_optimizer
 
 # capjax.tasks.Task, which the runtime uses; the rest is this task's own API.
-__all__ = ['NAME', 'CURVES', 'BENCH', 'validate', 'load_splits', 'training_job', 'run_info',
+__all__ = ['NAME', 'CURVES', 'BENCH', 'validate', 'check_start', 'load_splits', 'training_job', 'run_info',
            'restore_trained', 'evaluate', 'predict', 'describe']
 NAME = 'classify'
 CURVES = ('loss', 'accuracy')
 
 
+def check_start(config, workdir: str) -> None:
+  """Nothing to check: a classifier reads no other run's files (its data is checked when its
+  splits load)."""
+  del config, workdir
+
+
 def build_model(config, num_classes: int) -> nn.Module:
   """The classifier that config.model describes (a preset plus the fields that are set)."""
-  m = config.model
-  kwargs = {}
-  for key in OVERRIDES:
-    value = m.get(key)
-    if value:
-      kwargs[key] = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(
-          value)
-  return classifier.PRESETS[m.name](num_classes=num_classes, dropout=float(m.dropout),
-                                    dtype=jnp.dtype(m.dtype),
-                                    conv=layers.conv_by_name(m.get('conv', 'flax')), **kwargs)
+  return classifier.build(config.model, num_classes)
 
 
 def sample_inputs(config):

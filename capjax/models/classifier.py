@@ -6,7 +6,10 @@ BatchNorm, so applying them in training needs `mutable=['batch_stats']`; the tra
 keeps the statistics (`TrainState.batch_stats`).
 
 Presets (`PRESETS`, by config name) are `functools.partial`s of the two classes, including tiny
-ones for tests and runlocal smoke runs.
+ones for tests and runlocal smoke runs; `build` makes one from a classify config's `model`.
+With `with_head=False` a classifier returns its last stage's feature grid instead of logits:
+the caption task's `ClassifierEncoder` (capjax.models.encoders) is such a backbone, its
+variables laid out as the classifier's minus 'head', so a trained classifier's drop in.
 `SimpleCNN` is exactly the throughput benchmark's model (bench/torch_peer.py `simple_cnn`):
 4 stages x (conv3x3 no-bias -> BN -> ReLU) x 2 -> maxpool 2, widths 32/64/128/256, global
 average pool, dense. BatchNorm momentum 0.9 and epsilon 1e-5 are PyTorch's defaults
@@ -35,13 +38,14 @@ _CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 class _Classifier(nn.Module):
   """What both classifiers share: BatchNorm settings, and the head (global average pool ->
-  dropout -> dense 'head' -> float32 logits)."""
+  dropout -> dense 'head' -> float32 logits), left out with `with_head=False`."""
   num_classes: int
   dropout: float = 0.0
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
+  with_head: bool = True
 
   def _norm(self, train: bool):
     return functools.partial(nn.BatchNorm, use_running_average=not train,
@@ -49,6 +53,8 @@ class _Classifier(nn.Module):
                              dtype=self.dtype)
 
   def _head(self, x_BxHxWxC: jnp.ndarray, train: bool) -> jnp.ndarray:
+    if not self.with_head:  # A backbone: the grid, for a caption decoder to pool or attend over.
+      return x_BxHxWxC
     x_BxD = jnp.mean(x_BxHxWxC, axis=(1, 2))
     x_BxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxD)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x_BxD)
@@ -131,3 +137,25 @@ ResidualCNNTiny = functools.partial(ResidualCNN, stage_sizes=(1, 1), widths=(4, 
 
 PRESETS = {'simple_cnn': SimpleCNN, 'resnet': ResNet64, 'cnn': CNN,
            'residual_cnn': ResidualCNN, 'tiny_cnn': CNNTiny, 'tiny_resnet': ResidualCNNTiny}
+# The architecture fields of a classify config's `model` that replace its preset's value where
+# they are set (0 / () keep the preset's).
+ARCH_FIELDS = ('widths', 'convs_per_stage', 'stage_sizes', 'stem_width', 'stem_stride')
+
+
+def build(model_config, num_classes: int, *, dtype: Any = None,
+          with_head: bool = True) -> nn.Module:
+  """The classifier a classify config's `model` (a ConfigDict or a dict: name, the
+  ARCH_FIELDS, conv, dropout, dtype) describes. The classify task and a caption encoder taken
+  from a classify workdir's config.json both build it here, so they build the same network.
+  `dtype` overrides the config's compute dtype."""
+  m = model_config
+  kwargs = {}
+  for key in ARCH_FIELDS:
+    value = m.get(key)
+    if value:
+      kwargs[key] = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(
+          value)
+  return PRESETS[m['name']](num_classes=num_classes, dropout=float(m.get('dropout') or 0.0),
+                            dtype=jnp.dtype(dtype or m.get('dtype') or 'float32'),
+                            conv=layers.conv_by_name(m.get('conv') or 'flax'),
+                            with_head=with_head, **kwargs)

@@ -160,35 +160,45 @@ def _wrap(text: str, width: int, max_lines: int) -> str:
 
 
 def plot_caption_samples(images: Sequence[np.ndarray], generated: Sequence[str],
-                         references: Sequence[str], path: str, ncols: int = 4) -> str:
-  """Grid of images, each with its generated caption and one reference caption under it.
+                         references: Sequence[Sequence[str] | str], path: str,
+                         ncols: int = 4, num_references: int = 2) -> str:
+  """Grid of images, each with its generated caption (bold) and up to `num_references` of its
+  reference captions under it, so a reader can judge the caption against what people wrote.
 
   Args:
     images: HxWx3 (or HxW) arrays, uint8 or floats in [0, 1]; sizes may differ.
-    generated, references: one string per image.
+    generated: one string per image.
+    references: per image, its reference captions (or one string).
   """
   if not (len(images) == len(generated) == len(references)) or not images:
     raise ValueError(f'Need the same, non-zero number of images ({len(images)}), generated '
                      f'({len(generated)}) and reference ({len(references)}) captions.')
   ncols = max(1, min(ncols, len(images)))
   nrows = math.ceil(len(images) / ncols)
-  panel_w, image_h, text_h = 3.2, 2.8, 1.1
+  # 9 pt text; ~40 characters fit a 3.6-inch panel. Generated caption: up to 3 lines; each
+  # reference: up to 2 lines; the text panel is sized for that many lines.
+  panel_w, image_h, font_pt, width = 3.6, 3.0, 9, 40
+  line_in = 1.3 * font_pt / 72
+  text_lines = 3 + 2 * num_references
+  text_h = line_in * text_lines + 0.1
   fig = Figure(figsize=(panel_w * ncols, (image_h + text_h) * nrows), layout='constrained')
   grid = fig.add_gridspec(2 * nrows, ncols, height_ratios=[image_h, text_h] * nrows)
-  for idx, (image, gen, ref) in enumerate(zip(images, generated, references)):
+  for idx, (image, gen, refs) in enumerate(zip(images, generated, references)):
     row, col = divmod(idx, ncols)
     ax = fig.add_subplot(grid[2 * row, col])
     ax.imshow(np.asarray(image), cmap='gray' if np.ndim(image) == 2 else None)
     ax.set_axis_off()
     text_ax = fig.add_subplot(grid[2 * row + 1, col])
     text_ax.set_axis_off()
-    # ~38 characters fit a 3.2-inch panel at 8 pt; long captions are cut with '...'.
-    gen_text = _wrap('gen: ' + gen, 38, 3)
-    text_ax.text(0.0, 1.0, gen_text, va='top', ha='left', fontsize=8, color='navy',
-                 transform=text_ax.transAxes)
-    # An 8 pt line (~13 px) is ~0.12 of the 1.1-inch text panel: the reference starts below the caption.
-    text_ax.text(0.0, 0.96 - 0.13 * (gen_text.count('\n') + 1), _wrap('ref: ' + ref, 38, 3),
-                 va='top', ha='left', fontsize=8, color='dimgray', transform=text_ax.transAxes)
+    refs = [refs] if isinstance(refs, str) else list(refs)
+    blocks = [(_wrap(gen, width, 3), dict(color='navy', fontweight='bold'))]
+    blocks += [(_wrap(f'ref: {r}', width, 2), dict(color='dimgray'))
+               for r in refs[:num_references]]
+    top = 1.0  # Each block starts below the lines already written (axes fraction).
+    for text, style in blocks:
+      text_ax.text(0.0, top, text, va='top', ha='left', fontsize=font_pt,
+                   transform=text_ax.transAxes, **style)
+      top -= (text.count('\n') + 1) * line_in / text_h + 0.02
   return _save(fig, path)
 
 

@@ -45,6 +45,12 @@ def test_run_leaves_results_in_workdir(trained):
   assert 0.0 <= results['exact_scene_accuracy'] <= 1.0
   assert results['oracle_bleu_4'] > 0.5  # Grammar captions share most 4-grams.
   assert results['perplexity'] == pytest.approx(np.exp(results['loss']), rel=1e-6)
+  # The diversity figures count the very captions the run wrote.
+  with open(os.path.join(workdir, 'captions_test.jsonl')) as f:
+    generated = [json.loads(line)['generated'] for line in f]
+  assert results['distinct_captions'] == len(set(generated))
+  assert results['most_common_caption_count'] == max(map(generated.count, generated))
+  assert 0.0 < results['distinct_1'] <= 1.0 and 0.0 < results['distinct_2'] <= 1.0
 
 
 def test_restart_resumes_instead_of_starting_over(trained):

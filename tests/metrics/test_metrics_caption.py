@@ -116,3 +116,15 @@ def test_meteor_with_real_jar_is_near_1_for_identical_captions():
   refs = {0: ['a dog runs on the grass'], 1: ['two cats sleep on a red sofa']}
   out = caption.caption_metrics(refs, {0: 'A dog runs on the grass.', 1: refs[1][0]})
   assert out['meteor'] > 0.95  # below 1 only by METEOR's fragmentation penalty
+
+
+def test_caption_diversity_counts_captions_and_pooled_ngrams():
+  from capjax.metrics.diversity import caption_diversity
+  hyps = {0: 'a dog runs', 1: 'a dog runs', 2: 'a cat sits', 3: 'a dog'}
+  out = caption_diversity(hyps)
+  assert out['distinct_captions'] == 3
+  assert out['most_common_caption'] == 'a dog runs' and out['most_common_caption_count'] == 2
+  # Words: 11 in all, distinct {a, dog, runs, cat, sits}; bigrams: 7, distinct 4.
+  assert out['distinct_1'] == pytest.approx(5 / 11)
+  assert out['distinct_2'] == pytest.approx(4 / 7)
+  assert caption_diversity([])['distinct_captions'] == 0

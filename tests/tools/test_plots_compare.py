@@ -65,9 +65,12 @@ def test_plot_roc_writes_png_for_few_and_many_classes(tmp_path):
 def test_plot_caption_samples_grid(tmp_path):
   images = [np.full((48 + 8 * i, 64, 3), 40 * i, np.uint8) for i in range(5)]
   generated = ['a dog runs ' * 20] + ['a cat'] * 4  # the long one is wrapped and cut
-  path = plots.plot_caption_samples(images, generated, ['a reference'] * 5,
+  references = [['a reference', 'another reference ' * 6, 'a third, not drawn']] * 4 + ['one']
+  path = plots.plot_caption_samples(images, generated, references,
                                     str(tmp_path / 'samples.png'), ncols=4)
-  assert _png_size(path) == (1280, 780)  # 4 columns x 2 rows
+  # 4 columns of 3.6 in; 2 rows of a 3 in image + 7 lines of 9 pt text (3 generated, 2 + 2
+  # references) at 1.3 line spacing + 0.1 in.
+  assert _png_size(path) == (1440, int(2 * (3.0 + 7 * 1.3 * 9 / 72 + 0.1) * 100))
   with pytest.raises(ValueError, match='same'):
     plots.plot_caption_samples(images, generated[:2], ['x'] * 5, str(tmp_path / 'bad.png'))
 
