@@ -63,32 +63,36 @@ def get_config(arg=None):
   # skip_missing_images: drop (and count) listed images that are not on disk instead of failing.
   # in_memory: decode a real data set's images once into RAM (else in the grain map, per step).
   # flip: mirror training images left-right half of the time (not cached features).
+  # crop_min_area: random resized crops of this fraction of the area up to all of it (1: none).
   c.data = ml_collections.ConfigDict(dict(
       caption_length=22, num_threads=2,
       image_size=INPUT_SIZE.get(arg.encoder, 128) if real else c.shapes.get_ref('image_size'),
-      skip_missing_images=False, in_memory=True, flip=False, feature_batch_size=32))
+      skip_missing_images=False, in_memory=True, flip=False, crop_min_area=1.0,
+      feature_batch_size=32))
   c.vocab = ml_collections.ConfigDict(dict(min_freq=1, max_size=10000))
 
   # conv: 'flax' (nn.Conv) or 'layers' (capjax.models.layers.Conv, faster weight gradients on
   # small grids). score: attention scores, 'additive' (Bahdanau) or 'dot' (Luong). query: which
   # state attends, 'previous' (Show, Attend and Tell) or 'current' (Luong: after reading the word).
   # dtype: the compute dtype, 'float32' or 'bfloat16' (params, optimizer state, LSTM cell state
-  # and loss stay float32; docs/mixed_precision.md).
+  # and loss stay float32; docs/mixed_precision.md). concept_weight: weight of the concept
+  # head's loss (which words the image's captions use, from the pooled features; 0: no head).
   c.model = ml_collections.ConfigDict(dict(
       encoder=arg.encoder, decoder=arg.decoder, widths=(64, 64, 128, 128),
       strides=(1, 1, 2, 1), patch=4, norm=True, conv='flax',
       embed_dim=128, hidden=256, pool='flatten', every_step=True, dropout=0.0,
       attn_dim=128, score='additive', query='current', coverage=False, attention_reg=0.01,
-      merge='add', feature_norm=False, dtype='float32',
+      merge='add', feature_norm=False, dtype='float32', concept_weight=0.0,
       encoder_weights=ml_collections.FieldReference(None, field_type=str),  # Keras .h5 file.
       # A classify workdir whose trained backbone becomes the encoder (replacing model.encoder;
       # frozen with optim.encoder_lr_scale=0, else fine-tuned; docs/captioning.md).
       encoder_init=ml_collections.FieldReference(None, field_type=str)))
 
   # scst_steps: self-critical steps after the cross-entropy ones (0: none; see c.scst).
+  # label_smoothing: of the cross-entropy steps' targets (the logged loss stays unsmoothed).
   c.train = ml_collections.ConfigDict(dict(
       steps=2400, epochs=0.0, batch_size=64, log_every=50, eval_every=400,
-      checkpoint_every=400, keep_checkpoints=3, scst_steps=0,
+      checkpoint_every=400, keep_checkpoints=3, scst_steps=0, label_smoothing=0.0,
       nan_policy='stop'))  # NaN/Inf loss or gradients: 'stop' the run, or 'skip' the step.
   # Self-critical sequence training (docs/captioning.md, 'Self-critical training'): CIDEr-D of
   # num_samples sampled captions per image, minus a baseline: 'mean' of the image's other

@@ -19,31 +19,78 @@ import jax
 import numpy as np
 from absl import logging
 
-from capjax.data.images import load_image
+from capjax.data.images import load_image, resize_image
 from capjax.data.loading import local_batch_size, text
-from capjax.data.tokenizer import Vocabulary
+from capjax.data.tokenizer import SPECIALS, Vocabulary, normalize
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator,
+                        min_area: float) -> np.ndarray:
+  """A crop of `min_area`..1 of the image's area, of aspect ratio 3/4..4/3 (log-uniform),
+  resized back to the image's size: Inception's scale augmentation, mild enough that the
+  objects a caption names mostly stay in view."""
+  h, w = image.shape[:2]
+  area = rng.uniform(min_area, 1.0) * h * w
+  aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+  ch = int(round(min(h, np.sqrt(area / aspect))))
+  cw = int(round(min(w, np.sqrt(area * aspect))))
+  y, x = rng.integers(h - ch + 1), rng.integers(w - cw + 1)
+  return resize_image(np.ascontiguousarray(image[y:y + ch, x:x + cw]), (h, w))
+
+
+def augmenter(*, flip: bool = False, crop_min_area: float = 1.0
+              ) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+  """(image, rng) -> the training view of a uint8 image: a random resized crop when
+  `crop_min_area` < 1, then mirrored left-right half of the time with `flip`."""
+
+  def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if crop_min_area < 1.0:
+      x = random_resized_crop(x, rng, crop_min_area)
+    if flip and rng.random() < 0.5:
+      x = np.ascontiguousarray(x[:, ::-1])
+    return x
+
+  return augment
+
+
+def concept_targets(captions: Sequence, vocab: Vocabulary) -> np.ndarray:
+  """Multi-hot float32 (len(vocab),): the words of all an image's reference captions, the
+  targets of the encoder's concept head (`Captioner.concepts`). Special tokens and <unk>
+  are never targets."""
+  hot = np.zeros(len(vocab), np.float32)
+  for caption in captions:
+    hot[[vocab.ids.get(w, vocab.unk_id) for w in normalize(text(caption))]] = 1.0
+  hot[:len(SPECIALS)] = 0.0
+  return hot
 
 
 def caption_train_dataset(source: Sequence[dict], vocab: Vocabulary, *,
                           batch_size: int, caption_length: int, seed: int,
                           image_fn: Callable[[Any], np.ndarray] | None = None,
-                          input_key: str = 'image', flip: bool = False) -> grain.MapDataset:
+                          input_key: str = 'image', flip: bool = False,
+                          crop_min_area: float = 1.0, concepts: bool = False
+                          ) -> grain.MapDataset:
   """Endless shuffled training batches of {input_key, 'tokens'} for this process.
 
   Each time an image is seen, one of its reference captions is drawn at random
-  (seeded by the element index, so the draw is reproducible); with `flip`, the image is
-  mirrored left-right half of the time.
+  (seeded by the element index, so the draw is reproducible); images (never cached
+  features) are augmented as `augmenter(flip=, crop_min_area=)` says. With `concepts`, each
+  example also carries 'concepts', the multi-hot of its references' words.
   `batch_size` is the global batch; each process gets its own slice of it.
   """
   local_batch = local_batch_size(batch_size)
+  augment = augmenter(flip=flip, crop_min_area=crop_min_area)
 
   def pick(example, rng: np.random.Generator):
     captions = example['captions']
     caption = text(captions[rng.integers(len(captions))])
     x = example[input_key] if image_fn is None else image_fn(example)
-    if flip and input_key == 'image' and rng.random() < 0.5:  # Never mirror features.
-      x = np.ascontiguousarray(x[:, ::-1])
-    return {input_key: x, 'tokens': vocab.encode(caption, caption_length)}
+    if input_key == 'image':
+      x = augment(x, rng)
+    out = {input_key: x, 'tokens': vocab.encode(caption, caption_length)}
+    if concepts:
+      out['concepts'] = concept_targets(captions, vocab)
+    return out
 
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
   ds = ds.random_map(pick)
@@ -53,18 +100,20 @@ def caption_train_dataset(source: Sequence[dict], vocab: Vocabulary, *,
 
 def caption_scst_dataset(source: Sequence[dict], *, batch_size: int, seed: int,
                          image_fn: Callable[[Any], np.ndarray] | None = None,
-                         input_key: str = 'image', flip: bool = False) -> grain.MapDataset:
+                         input_key: str = 'image', flip: bool = False,
+                         crop_min_area: float = 1.0) -> grain.MapDataset:
   """Endless shuffled batches of {input_key, 'index'} for self-critical training: no caption,
   only each image's index in `source`, by which the host scores the captions sampled for it
-  against all its references. Images are prepared as `caption_train_dataset` prepares them.
+  against all its references. Images are augmented as `caption_train_dataset` does.
   """
   local_batch = local_batch_size(batch_size)
+  augment = augmenter(flip=flip, crop_min_area=crop_min_area)
 
   def load(index, rng: np.random.Generator):
     example = source[index]
     x = example[input_key] if image_fn is None else image_fn(example)
-    if flip and input_key == 'image' and rng.random() < 0.5:
-      x = np.ascontiguousarray(x[:, ::-1])
+    if input_key == 'image':
+      x = augment(x, rng)
     return {input_key: x, 'index': np.int32(index)}
 
   ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat(None)

@@ -155,7 +155,8 @@ def phase(config, model, vocab: Vocabulary, train_source, train_captions, *, inp
       from_features=from_features)
   data = pipeline.caption_scst_dataset(
       train_source, batch_size=config.train.batch_size, seed=config.seed, image_fn=image_fn,
-      input_key=input_key, flip=bool(config.data.get('flip', False)) and not from_features)
+      input_key=input_key, flip=bool(config.data.get('flip', False)) and not from_features,
+      crop_min_area=float(config.data.get('crop_min_area', 1.0)))
   return loop.Phase(
       name=PHASE, steps=int(config.train.scst_steps), train_data=data,
       train_step=functools.partial(steps.scst_train_step, from_features=from_features,

@@ -29,6 +29,25 @@ def top1_correct(logits_BxTxV, targets_BxT):
   return target_logit >= logits_BxTxV.max(-1)
 
 
+def smoothed_token_loss(logits_BxTxV, targets_BxT, label_smoothing: float):
+  """Summed cross-entropy against targets smoothed towards the uniform distribution over the
+  vocabulary (<pad> positions excluded), without materialising B x T x V targets:
+  (1 - e) * CE + e * (logsumexp - mean logit)."""
+  mask = (targets_BxT != 0).astype(jnp.float32)
+  logits = logits_BxTxV.astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BxT)
+  uniform = jax.nn.logsumexp(logits, -1) - logits.mean(-1)
+  return (((1.0 - label_smoothing) * ce + label_smoothing * uniform) * mask).sum()
+
+
+def concept_loss(concept_logits_BxV, concepts_BxV):
+  """Binary cross-entropy of the concept head summed over the vocabulary, divided by the
+  number of the image's words (so an image with many words weighs as much as one with few),
+  averaged over the batch."""
+  bce = optax.sigmoid_binary_cross_entropy(concept_logits_BxV, concepts_BxV).sum(-1)
+  return (bce / jnp.maximum(concepts_BxV.sum(-1), 1.0)).mean()
+
+
 def doubly_stochastic_penalty(alphas_BxTxN, mask_BxT):
   """Show-Attend-Tell's regulariser: each grid cell's attention summed over the
   caption's words should be ~1, i.e. every region gets looked at about once."""
@@ -37,7 +56,7 @@ def doubly_stochastic_penalty(alphas_BxTxN, mask_BxT):
 
 
 def _caption_step(state: TrainState, batch: dict, rng: jax.Array, attention_reg: float,
-                  from_features: bool):
+                  from_features: bool, label_smoothing: float, concept_weight: float):
   dropout_rng = jax.random.fold_in(rng, state.step)
   tokens = batch['tokens']
   targets = tokens[:, 1:]
@@ -54,34 +73,52 @@ def _caption_step(state: TrainState, batch: dict, rng: jax.Array, attention_reg:
     ce, correct, count = masked_token_stats(logits, targets)
     count = jnp.maximum(count, 1.0)
     loss = ce / count
-    attention = jax.tree.leaves(updates.get('intermediates', {}))
-    penalty = (doubly_stochastic_penalty(attention[0], (targets != 0).astype(jnp.float32))
-               if attention else jnp.zeros(()))
-    return loss + attention_reg * penalty, (loss, correct / count, updates.get('batch_stats'))
+    objective = (smoothed_token_loss(logits, targets, label_smoothing) / count
+                 if label_smoothing else loss)
+    sown = updates.get('intermediates', {})
+    attention = jax.tree.leaves(sown.get('decoder', {}))
+    if attention and attention_reg:
+      objective += attention_reg * doubly_stochastic_penalty(
+          attention[0], (targets != 0).astype(jnp.float32))
+    concepts = jnp.zeros(())
+    if concept_weight:
+      concepts = concept_loss(sown['concept_logits'][0], batch['concepts'])
+      objective += concept_weight * concepts
+    return objective, (loss, correct / count, concepts, updates.get('batch_stats'))
 
-  (_, (loss, acc, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (_, (loss, acc, concepts, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads)
   if batch_stats is not None:
     new_state = new_state.replace(batch_stats=batch_stats)
   metrics = {'loss': loss, 'token_accuracy': acc, 'grad_norm': optax.tree.norm(grads)}
+  if concept_weight:
+    metrics['concept_loss'] = concepts
   return new_state, metrics
 
 
 def caption_train_step(state: TrainState, batch: dict, rng: jax.Array,
-                       attention_reg: float = 0.0):
+                       attention_reg: float = 0.0, label_smoothing: float = 0.0,
+                       concept_weight: float = 0.0):
   """One optimizer step of teacher-forced next-word prediction from batch['image'].
 
+  The objective is the (label-smoothed) token cross-entropy, plus `attention_reg` times the
+  doubly stochastic penalty and `concept_weight` times the concept head's loss (which needs
+  batch['concepts']); the 'loss' metric is always the plain cross-entropy.
   `rng` is folded with the step so that dropout is a pure function of
   (seed, step): a resumed run draws exactly the masks it would have drawn.
   """
-  return _caption_step(state, batch, rng, attention_reg, from_features=False)
+  return _caption_step(state, batch, rng, attention_reg, False, label_smoothing,
+                       concept_weight)
 
 
 def caption_feature_train_step(state: TrainState, batch: dict, rng: jax.Array,
-                               attention_reg: float = 0.0):
+                               attention_reg: float = 0.0, label_smoothing: float = 0.0,
+                               concept_weight: float = 0.0):
   """`caption_train_step` from precomputed encoder features (batch['features']): only the
   decoder runs, for a frozen encoder whose features come from the HDF5 cache."""
-  return _caption_step(state, batch, rng, attention_reg, from_features=True)
+  return _caption_step(state, batch, rng, attention_reg, True, label_smoothing,
+                       concept_weight)
 
 
 def caption_eval_step(state: TrainState, batch: dict):

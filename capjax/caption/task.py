@@ -76,7 +76,8 @@ def build_model(config, vocab_size: int, classifier: dict | None = None) -> Capt
                                    score=m.get('score', 'additive'),
                                    coverage=bool(m.get('coverage', False)),
                                    query=m.get('query', 'previous'), **common)
-  return Captioner(encoders.build_encoder(m, dtype, classifier), dec)
+  concepts = vocab_size if float(m.get('concept_weight', 0.0)) else 0
+  return Captioner(encoders.build_encoder(m, dtype, classifier), dec, concepts=concepts)
 
 
 def sample_inputs(config):
@@ -218,7 +219,10 @@ def training_job(config, workdir: str, splits: Splits) -> tuple[loop.Job, Traine
   mesh = sharding.make_mesh()
   step_fn = steps.caption_feature_train_step if from_features else steps.caption_train_step
   job = loop.Job(model=model, sample_inputs=sample_inputs(config), train_data=train_data,
-                 train_step=functools.partial(step_fn, attention_reg=config.model.attention_reg),
+                 train_step=functools.partial(
+                     step_fn, attention_reg=config.model.attention_reg,
+                     label_smoothing=float(config.train.get('label_smoothing', 0.0)),
+                     concept_weight=float(config.model.get('concept_weight', 0.0))),
                  validate=lambda st: evaluation.teacher_forced_metrics(
                      st, val_data, mesh, val.input_key),
                  total_steps=total, name='cross_entropy', checkpoint_extras=tags)
@@ -250,7 +254,9 @@ def _train_dataset(config, vocab, train: data.SplitInputs, from_features: bool):
   return pipeline.caption_train_dataset(
       train.source, vocab, batch_size=config.train.batch_size,
       caption_length=config.data.caption_length, seed=config.seed, image_fn=train.image_fn,
-      input_key=train.input_key, flip=bool(config.data.get('flip', False)) and not from_features)
+      input_key=train.input_key, flip=bool(config.data.get('flip', False)) and not from_features,
+      crop_min_area=float(config.data.get('crop_min_area', 1.0)),
+      concepts=bool(float(config.model.get('concept_weight', 0.0))))
 
 
 def run_info(config) -> dict:
