@@ -45,6 +45,8 @@ RULES = [
     Rule('scst.learning_rate', lambda v: configlib.number(v) and v > 0, 'a number > 0'),
     Rule('scst.num_samples', at_least(1), 'a whole number >= 1'),
     choice_rule('scst.baseline', *BASELINES),
+    Rule('scst.bleu_weight', non_negative,
+         'a number >= 0 (0: the reward is CIDEr-D alone)'),
 ]
 # The widths and strides of the small CNNs' layers.
 _SMALL_CNN_RULES = [

@@ -55,7 +55,7 @@ def _group(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return order[starts], np.diff(np.append(starts, keys.size))
 
 
-def _lookup(table: np.ndarray, keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
+def lookup(table: np.ndarray, keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
   """The position of each valid key in the sorted `table`, or -1 (absent, or not valid)."""
   at = np.minimum(np.searchsorted(table, keys), max(len(table) - 1, 0))
   found = valid & (table[at] == keys) if len(table) else np.zeros_like(valid)
@@ -79,7 +79,7 @@ class NgramIndex:
     for order in range(1, max_order + 1):
       keys, valid = self._keys(tokens_MxT, lengths_M, order, ids)
       self.tables.append(_unique(keys[valid]))
-      ids = _lookup(self.tables[-1], keys, valid)
+      ids = lookup(self.tables[-1], keys, valid)
     self.offsets = np.concatenate([[0], np.cumsum([len(t) for t in self.tables])])
     self.size = int(self.offsets[-1])
 
@@ -102,12 +102,12 @@ class NgramIndex:
     out, ids = [], None
     for order, table in enumerate(self.tables, start=1):
       keys, valid = self._keys(tokens_MxT, lengths_M, order, ids)
-      ids = _lookup(table, keys, valid)
+      ids = lookup(table, keys, valid)
       out.append(np.where(ids >= 0, ids + self.offsets[order - 1], -1))
     return out
 
 
-def _ngram_counts(identity_ids: list[np.ndarray], index_ids: list[np.ndarray]):
+def ngram_counts(identity_ids: list[np.ndarray], index_ids: list[np.ndarray]):
   """The distinct n-grams of each caption: (row, order - 1, id in the index or -1, count).
 
   `identity_ids` tell every n-gram of these captions apart (ids of an index of their own, or
@@ -176,7 +176,7 @@ class CiderD:
     slot = np.arange(len(image)) - np.repeat(np.cumsum(self.num_refs) - self.num_refs,
                                              self.num_refs)
     # The index holds every reference n-gram, so its ids tell them apart too.
-    ref, order, gid, count = _ngram_counts(ref_ids, ref_ids)
+    ref, order, gid, count = ngram_counts(ref_ids, ref_ids)
     values = count * self.idf[gid]
     # Sorted (image, reference slot, n-gram) keys -> tf-idf values: one searchsorted per call.
     keys = self._key(image[ref], slot[ref], gid)
@@ -213,7 +213,7 @@ class CiderD:
     tokens, lengths = pad_tokens(captions)
     # An index of the captions' own n-grams tells apart those the references lack.
     own = NgramIndex(tokens, lengths, self.max_order)
-    row, order, gid, count = _ngram_counts(own.ids(tokens, lengths),
+    row, order, gid, count = ngram_counts(own.ids(tokens, lengths),
                                            self.index.ids(tokens, lengths))
     values = count * np.where(gid >= 0, self.idf[np.maximum(gid, 0)], self.log_num_documents)
     norms = np.sqrt(np.bincount(row * orders + order, values ** 2,
@@ -222,7 +222,7 @@ class CiderD:
     image = images[row]
     slot = np.arange(refs)[None, :]
     keys = self._key(image[:, None], slot, np.maximum(gid, 0)[:, None])
-    at = _lookup(self._ref_keys, keys, (gid[:, None] >= 0) & (slot < self.num_refs[image][:, None]))
+    at = lookup(self._ref_keys, keys, (gid[:, None] >= 0) & (slot < self.num_refs[image][:, None]))
     ref_values = np.where(at >= 0, self._ref_values[np.maximum(at, 0)], 0.0)
     clipped = np.minimum(values[:, None], ref_values) * ref_values
     cells = (row[:, None] * refs + slot) * orders + order[:, None]

@@ -66,6 +66,17 @@ def test_a_reference_word_outside_the_vocabulary_is_never_matched_by_unk():
   assert scores[0] <= scores[1]
 
 
+def test_bleu_weight_adds_that_many_times_sentence_bleu_4_to_cider_d(rewards):
+  captions = _rows(_ids('a blue square'), _ids('one blue square'), _ids('a red square'),
+                   _ids('blue'))[None]
+  mixed = scst.CaptionRewards(VOCAB, REFERENCES, bleu_weight=0.5)
+  bleu_4 = mixed.bleu([1] * 4, [scst.caption_ids(row, END) for row in captions[0]])[:, 3]
+  assert bleu_4[0] > 0.9 and bleu_4[3] < 0.01  # A reference itself; a one-word caption.
+  np.testing.assert_allclose(mixed(np.array([1]), captions)[0],
+                             rewards(np.array([1]), captions)[0] + 0.5 * bleu_4, rtol=1e-12)
+  assert rewards.bleu is None  # bleu_weight 0 builds no BLEU scorer.
+
+
 def test_advantages_subtract_the_greedy_reward_or_the_mean_of_the_other_samples():
   rewards_BxK = np.array([[1.0, 3.0, 2.0], [5.0, 5.0, 5.0]])
   greedy_B = np.array([2.0, 5.0])
