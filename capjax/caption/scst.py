@@ -155,11 +155,11 @@ def optimizer(config, steps_: int):
 def phase(config, model, vocab: Vocabulary, train_source, train_captions, *, input_key: str,
           image_fn=None) -> loop.Phase:
   """The SCST phase of config.train.scst_steps steps on the train split."""
+  bleu_weight = float(config.scst.get('bleu_weight', 0.0))
   logging.info('SCST: scoring against the references of %d training images (CIDEr-D, '
                'document frequencies of the training split; + %g x BLEU-4)...',
-               len(train_captions), float(config.scst.get('bleu_weight', 0.0)))
-  rewards = CaptionRewards(vocab, train_captions,
-                           bleu_weight=float(config.scst.get('bleu_weight', 0.0)))
+               len(train_captions), bleu_weight)
+  rewards = CaptionRewards(vocab, train_captions, bleu_weight=bleu_weight)
   from_features = input_key == 'features'
   sampler = decoding.make_sampler_fn(
       model, num_samples=int(config.scst.num_samples),

@@ -20,7 +20,9 @@ import numpy as np
 
 from capjax.metrics.cider_d import Captions, NgramIndex, lookup, ngram_counts, pad_tokens
 
-_SMALL, _TINY = 1e-9, 1e-15  # pycocoevalcap's: a caption with no n-gram of an order scores 0.
+# pycocoevalcap's smoothing: an order without a match gives 1e-15 / guess, not 0, and an order
+# the caption is too short to have gives 1e-6.
+_SMALL, _TINY = 1e-9, 1e-15
 
 
 class SentenceBleu:
