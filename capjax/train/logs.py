@@ -52,8 +52,17 @@ class MetricWriter:
       self._tb.flush()
 
   def close(self) -> None:
-    if self._tb is not None:
+    if self._tb is None:
+      return
+    try:
       self._tb.close()
+    except OSError as e:  # A full disk: metrics.jsonl holds the scalars; TensorBoard loses its tail.
+      logging.warning('Could not finish the TensorBoard event file in %s: %s',
+                      os.path.dirname(self.path), e)
+      # tensorboardX leaves a writer whose final flush failed open, and its atexit hook would
+      # flush it again and print a traceback after the run's one error line.
+      for file_writer in (self._tb.all_writers or {}).values():
+        file_writer.event_writer._closed = True  # pylint: disable=protected-access
 
 
 def tagged(split: str, metrics: Mapping[str, float]) -> dict:

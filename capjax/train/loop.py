@@ -379,10 +379,13 @@ class Trainer:
     self._t0 = now
 
   def close(self) -> None:
-    # Also on errors: let a save in flight complete rather than leave it half-written.
-    self.checkpoints.wait_until_finished()
-    self.checkpoints.close()
-    self.writer.close()
+    # Also on errors: let a save in flight complete rather than leave it half-written; the
+    # metric writer is closed even when that save fails (a full disk).
+    try:
+      self.checkpoints.wait_until_finished()
+      self.checkpoints.close()
+    finally:
+      self.writer.close()
 
 
 def train(job: Job, config, workdir: str, hooks: Sequence[Callable[[Trainer], None]] = ()

@@ -269,3 +269,23 @@ def test_only_orphaned_checkpoint_reads_are_dropped_from_asyncio_logs(text, in_o
   record = logging.LogRecord('asyncio', logging.ERROR, __file__, 1, text, None,
                              _raised_in_orbax() if in_orbax else None)
   assert checkpoint._drop_orphaned_read_tasks(record) is not dropped
+
+
+def test_a_full_disk_while_closing_the_tensorboard_file_warns_and_leaves_nothing_for_atexit(
+    tmp_path):
+  """tensorboardX keeps a writer whose last flush failed open, and its atexit hook would flush
+  again and print a traceback after the run's one error line (seen on a full disk)."""
+  import errno  # pylint: disable=import-outside-toplevel
+  from capjax.train.logs import MetricWriter  # pylint: disable=import-outside-toplevel
+  writer = MetricWriter(str(tmp_path))
+  writer.write_scalars(1, {'train/loss': 1.0})
+  event_writer = writer._tb.file_writer.event_writer  # pylint: disable=protected-access
+
+  def full_disk():
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  event_writer._ev_writer.flush = full_disk  # pylint: disable=protected-access
+  writer.close()  # Warns instead of raising.
+  assert event_writer._closed  # pylint: disable=protected-access
+  event_writer.close()  # What the atexit hook calls: now nothing.
+  assert open(tmp_path / 'metrics.jsonl').read().count('"loss": 1.0') == 1
