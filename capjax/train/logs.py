@@ -59,10 +59,13 @@ class MetricWriter:
     except OSError as e:  # A full disk: metrics.jsonl holds the scalars; TensorBoard loses its tail.
       logging.warning('Could not finish the TensorBoard event file in %s: %s',
                       os.path.dirname(self.path), e)
-      # tensorboardX leaves a writer whose final flush failed open, and its atexit hook would
-      # flush it again and print a traceback after the run's one error line.
+      # tensorboardX leaves a writer whose final flush failed open: its atexit hook would flush
+      # it again, and its worker thread would die at interpreter exit, each printing a traceback
+      # after the run's one error line. Stop the worker and mark the writer closed.
       for file_writer in (self._tb.all_writers or {}).values():
-        file_writer.event_writer._closed = True  # pylint: disable=protected-access
+        events = file_writer.event_writer
+        events._closed = True  # pylint: disable=protected-access
+        events._worker.stop()  # pylint: disable=protected-access
 
 
 def tagged(split: str, metrics: Mapping[str, float]) -> dict:
