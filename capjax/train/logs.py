@@ -57,8 +57,7 @@ class MetricWriter:
     try:
       self._tb.close()
     except OSError as e:  # A full disk: metrics.jsonl holds the scalars; TensorBoard loses its tail.
-      logging.warning('Could not finish the TensorBoard event file in %s: %s',
-                      os.path.dirname(self.path), e)
+      logging.warning('Could not finish the TensorBoard event file in %s: %s', self._tb.logdir, e)
       # tensorboardX leaves a writer whose final flush failed open: its atexit hook would flush
       # it again, and its worker thread would die at interpreter exit, each printing a traceback
       # after the run's one error line. Stop the worker and mark the writer closed.

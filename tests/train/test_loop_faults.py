@@ -3,6 +3,7 @@
 A one-layer regression model keeps each run under a second, so every fault is tried on the
 real loop (`loop.train`) and real orbax checkpoints rather than on mocks.
 """
+import errno
 import gc
 import glob
 import logging
@@ -276,9 +277,7 @@ def test_a_full_disk_while_closing_the_tensorboard_file_warns_and_leaves_nothing
   """tensorboardX keeps a writer whose last flush failed open, and its atexit hook would flush
   again and its worker thread die at exit, each printing a traceback after the run's one error
   line (seen on a full disk)."""
-  import errno  # pylint: disable=import-outside-toplevel
-  from capjax.train.logs import MetricWriter  # pylint: disable=import-outside-toplevel
-  writer = MetricWriter(str(tmp_path))
+  writer = logs.MetricWriter(str(tmp_path))
   writer.write_scalars(1, {'train/loss': 1.0})
   event_writer = writer._tb.file_writer.event_writer  # pylint: disable=protected-access
 
@@ -287,6 +286,7 @@ def test_a_full_disk_while_closing_the_tensorboard_file_warns_and_leaves_nothing
 
   event_writer._ev_writer.flush = full_disk  # pylint: disable=protected-access
   writer.close()  # Warns instead of raising.
-  assert event_writer._closed and not event_writer._worker.is_alive()  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  assert event_writer._closed and not event_writer._worker.is_alive()
   event_writer.close()  # What the atexit hook calls: now nothing.
   assert open(tmp_path / 'metrics.jsonl').read().count('"loss": 1.0') == 1
