@@ -3,12 +3,12 @@ cross-entropy that raises the expected CIDEr-D of sampled captions.
 
 A step, for a batch of B training images:
   1. decode, jitted (`decoding.make_sampler_fn`): K captions per image sampled from the model
-     (temperature 1) and its greedy caption, in one scan;
+     (temperature 1) with their log-probs, in one scan under `jax.vjp`, and the greedy ones;
   2. reward, on the host (`CaptionRewards`): the CIDEr-D of each caption against its image's
      references, with document frequencies from the training split's references;
      advantage = reward - baseline (`advantages`);
-  3. gradient, jitted (`steps.scst_train_step`): the log-probs of the sampled tokens from the
-     model's teacher-forced forward pass on the samples, weighted by the advantages.
+  3. gradient, jitted (`steps.scst_train_step`): the advantage-weighted log-probs pulled back
+     through the sampler's own forward pass (its vjp residuals), so no second forward runs.
 
 The end token is a word on both sides: every reference is scored with `<end>` appended, and a
 caption with its `<end>` (one that ran out of length has none). CIDEr-D then rewards ending
@@ -121,16 +121,17 @@ def sample_statistics(samples_BxKxT: np.ndarray, end_id: int) -> dict:
 def prepare_batch(state, batch: dict, rng: jax.Array, step: int, *, sampler: Callable,
                   rewards: CaptionRewards, baseline: str, input_key: str):
   """`loop.Phase.prepare` of SCST: samples and greedy captions of the batch's images, their
-  rewards on the host, and the batch of `steps.scst_train_step` with the advantages.
+  rewards on the host, and the batch of `steps.scst_train_step`: the advantages with the
+  sampler's log-probs and pullback.
 
-  The samples stay on device, sharded like the batch; the advantages are put back with the
-  same sharding. Every process scores the whole global batch (cheap) so that each holds the
+  The advantages are put on device with the batch's sharding. Every process scores the whole global batch (cheap) so that each holds the
   advantages of its own rows.
   """
   key = jax.random.fold_in(jax.random.fold_in(rng, _SAMPLING_STREAM), step)
-  samples, greedy = sampler(state_lib.variables(state), batch[input_key], key)
+  draws = sampler(state_lib.variables(state), batch[input_key], key)
   images = distributed.to_host(batch['index'])
-  samples_host, greedy_host = distributed.to_host(samples), distributed.to_host(greedy)
+  samples_host = distributed.to_host(draws.samples)
+  greedy_host = distributed.to_host(draws.greedy)
   sample_rewards = rewards(images, samples_host)
   greedy_rewards = rewards(images, greedy_host[:, None])[:, 0]
   advantage = advantages(sample_rewards, greedy_rewards, baseline).astype(np.float32)
@@ -139,8 +140,8 @@ def prepare_batch(state, batch: dict, rng: jax.Array, step: int, *, sampler: Cal
   metrics = {'sample_reward': float(sample_rewards.mean()),
              'greedy_reward': float(greedy_rewards.mean()),
              **sample_statistics(samples_host, rewards.end_id)}
-  return {input_key: batch[input_key], 'samples': samples,
-          'advantages': advantage_device}, metrics
+  return {'advantages': advantage_device, 'log_probs': draws.log_probs,
+          'pullback': draws.pullback}, metrics
 
 
 def optimizer(config, steps_: int):
@@ -171,9 +172,7 @@ def phase(config, model, vocab: Vocabulary, train_source, train_captions, *, inp
       crop_min_area=float(config.data.get('crop_min_area', 1.0)))
   return loop.Phase(
       name=PHASE, steps=int(config.train.scst_steps), train_data=data,
-      train_step=functools.partial(steps.scst_train_step, from_features=from_features,
-                                   start_id=vocab.start_id, pad_id=vocab.pad_id,
-                                   banned_ids=BANNED),
+      train_step=steps.scst_train_step,
       optimizer=optimizer(config, int(config.train.scst_steps)),
       prepare=functools.partial(prepare_batch, sampler=sampler, rewards=rewards,
                                 baseline=config.scst.baseline, input_key=input_key))

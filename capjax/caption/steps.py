@@ -142,47 +142,22 @@ def caption_eval_step(state: TrainState, batch: dict):
   return {'loss_sum': ce, 'correct_sum': correct, 'token_count': count}
 
 
-def policy_log_probs(logits_BxTxV, tokens_BxT, banned_ids=()):
-  """log p(token) at each position under the distribution the sampler draws from: the
-  softmax of the logits with `banned_ids` (<pad>, <start>) excluded."""
-  logits = logits_BxTxV.astype(jnp.float32)
-  if banned_ids:
-    logits = logits.at[..., jnp.asarray(banned_ids, jnp.int32)].set(-1e9)
-  log_p = jax.nn.log_softmax(logits, -1)
-  return jnp.take_along_axis(log_p, tokens_BxT[..., None], -1)[..., 0]
-
-
-def scst_train_step(state: TrainState, batch: dict, rng: jax.Array, *, from_features: bool,
-                    start_id: int = 1, pad_id: int = 0, banned_ids=(0, 1)):
+def scst_train_step(state: TrainState, batch: dict, rng: jax.Array):
   """One self-critical step (Rennie et al., 2017): the REINFORCE gradient of the expected
   reward, with the baseline already subtracted on the host.
 
-  batch: the images (or cached 'features') of B training images, 'samples' B x K x T (the
-  sampled ids, <pad> after <end>) and 'advantages' B x K (reward minus baseline).
-  loss = -mean over the B*K captions of advantage * sum of log p(token) over the caption's
-  tokens up to and including <end> (<pad> masked): averaged per caption, not per token, so it
-  is exactly the gradient of the mean expected reward and a long caption's tokens are not
-  down-weighted. The log-probs come from the teacher-forced forward pass on the samples, in
-  inference mode (no dropout, BatchNorm's running statistics) like the sampler, so they are
-  those of the policy that drew the samples.
+  batch: 'advantages' B x K (reward minus baseline) of the K samples of B training images,
+  and the sampler's `decoding.Draws` fields 'log_probs' B x K (each sample's summed log-probs
+  up to and including <end>) and 'pullback' (their vjp to the params).
+  loss = -mean over the B*K captions of advantage * log p(caption): averaged per caption, not
+  per token, so it is exactly the gradient of the mean expected reward and a long caption's
+  tokens are not down-weighted. The gradient is the pullback of d loss / d log p, so it is
+  that of the policy that drew the samples, from the sampler's own forward pass.
   """
-  del rng  # The samples carry the randomness; the forward pass has none.
-  samples_BxKxT, advantages_BxK = batch['samples'], batch['advantages']
-  b, k, t = samples_BxKxT.shape
-  samples = samples_BxKxT.reshape(b * k, t)
-  tokens = jnp.concatenate([jnp.full((b * k, 1), start_id, samples.dtype), samples], 1)
-  mask = (samples != pad_id).astype(jnp.float32)
-
-  def loss_fn(params):
-    variables = state_lib.variables(state, params)
-    features = (batch['features'] if from_features else
-                state.apply_fn(variables, batch['image'], method='encode'))
-    logits = state.apply_fn(variables, jnp.repeat(features, k, axis=0), tokens,
-                            method='decode')
-    log_p_BxK = (policy_log_probs(logits, samples, banned_ids) * mask).sum(-1).reshape(b, k)
-    return -(advantages_BxK.astype(jnp.float32) * log_p_BxK).mean(), log_p_BxK
-
-  (loss, log_p_BxK), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  metrics = {'scst_loss': loss, 'sample_log_prob': log_p_BxK.mean(),
-             'grad_norm': optax.tree.norm(grads)}
+  del rng  # The samples carry the randomness; the forward pass had none.
+  advantages_BxK = batch['advantages'].astype(jnp.float32)
+  log_p_BxK = batch['log_probs']
+  (grads,) = batch['pullback'](-advantages_BxK / advantages_BxK.size)
+  metrics = {'scst_loss': -(advantages_BxK * log_p_BxK).mean(),
+             'sample_log_prob': log_p_BxK.mean(), 'grad_norm': optax.tree.norm(grads)}
   return state.apply_gradients(grads=grads), metrics

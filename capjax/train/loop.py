@@ -298,14 +298,17 @@ class Trainer:
       logging.info('Phase %s starts at step %d (%d steps).', phase.name, self.step,
                    stretch.end - stretch.start)
     self.stretch = stretch
-    self.step_fn = self._compile(phase.train_step)
+    self.step_fn = self._compile(phase.train_step, prepared=phase.prepare is not None)
 
-  def _compile(self, train_step: Callable) -> Callable:
+  def _compile(self, train_step: Callable, prepared: bool) -> Callable:
     state_sh = sharding.replicated(self.mesh)(self.state)
     health_sh = sharding.replicated(self.mesh)(self.health)
+    # A prepared batch holds device arrays `prepare` made, each already placed as the step
+    # needs (self-critical training's vjp residuals are not all batch-major): keep theirs.
+    batch_sh = None if prepared else sharding.batch_sharding(self.mesh)
     return jax.jit(functools.partial(guarded_step, train_step,
                                      nan_policy=self.nan_policy),
-                   in_shardings=(state_sh, health_sh, sharding.batch_sharding(self.mesh), None),
+                   in_shardings=(state_sh, health_sh, batch_sh, None),
                    out_shardings=(state_sh, health_sh, None),
                    donate_argnums=0)  # Not `health`: the pending report still reads it.
 

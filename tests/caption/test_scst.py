@@ -1,6 +1,5 @@
 """Self-critical training's parts: rewards (CIDEr-D with <end> counted), advantages, the
 sampler, the SCST step on every decoder, and the expected reward it raises on a toy model."""
-import functools
 import os
 import subprocess
 import sys
@@ -125,12 +124,30 @@ def _sampler(model, num_samples=K):
                                   banned_ids=scst.BANNED)
 
 
-def test_sampling_is_reproducible_from_the_rng_and_its_greedy_rows_are_greedy():
+def _teacher_forced_log_probs(model, variables, pixels, samples_BxKxT):
+  """B x K summed log-probs of the samples from a teacher-forced pass (the reference for the
+  sampler's own): <pad>/<start> excluded from the softmax, <pad> positions masked."""
+  b, k, t = samples_BxKxT.shape
+  samples = samples_BxKxT.reshape(b * k, t)
+  tokens = jnp.concatenate([jnp.full((b * k, 1), VOCAB.start_id, samples.dtype), samples], 1)
+  features = model.apply(variables, pixels, method='encode')
+  logits = model.apply(variables, jnp.repeat(features, k, axis=0), tokens, method='decode')
+  logits = logits.at[..., jnp.asarray(scst.BANNED)].set(decoding.NEG)
+  log_p = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), samples[..., None], -1)[..., 0]
+  return (log_p * (samples != VOCAB.pad_id)).sum(-1).reshape(b, k)
+
+
+def _step_batch(draws, advantages):
+  return {'advantages': jnp.asarray(advantages, jnp.float32), 'log_probs': draws.log_probs,
+          'pullback': draws.pullback}
+
+
+def test_sampling_is_reproducible_from_the_rng_and_its_greedy_captions_are_greedy():
   model, state, pixels = _toy('attention')
   variables, sample = state_lib.variables(state), _sampler(model)
-  samples, greedy = sample(variables, pixels, jax.random.key(7))
-  again, _ = sample(variables, pixels, jax.random.key(7))
-  other, _ = sample(variables, pixels, jax.random.key(8))
+  samples, greedy = sample(variables, pixels, jax.random.key(7))[:2]
+  again = sample(variables, pixels, jax.random.key(7)).samples
+  other = sample(variables, pixels, jax.random.key(8)).samples
   assert samples.shape == (3, K, MAX_LEN) and greedy.shape == (3, MAX_LEN)
   np.testing.assert_array_equal(samples, again)
   assert (np.asarray(samples) != np.asarray(other)).any()
@@ -152,15 +169,32 @@ def test_first_words_are_drawn_with_the_models_probabilities():
   variables = jax.tree_util.tree_map_with_path(  # A first word far from uniform.
       lambda p, x: x + jnp.linspace(-2, 2, x.shape[0]) if 'out' in str(p) and 'bias' in str(p)
       else x, variables)
-  samples, _ = _sampler(model, num_samples=4000)(variables, pixels, jax.random.key(0))
+  samples = _sampler(model, num_samples=4000)(variables, pixels, jax.random.key(0)).samples
   features = model.apply(variables, pixels, method='encode')
   _, logits = model.apply(variables, features, method='start')
-  v = len(VOCAB)  # log p of every word as if it were the first: V positions of one row.
-  probs = np.exp(np.asarray(steps.policy_log_probs(
-      jnp.broadcast_to(logits[:, None, :], (1, v, v)), jnp.arange(v)[None, :], scst.BANNED)))
-  assert probs[0, list(scst.BANNED)].max() < 1e-6 and probs.sum() == pytest.approx(1.0)
+  v = len(VOCAB)  # log p of every word as if it were the first: V rows of the one logits.
+  banned = jnp.zeros((1, v)).at[:, jnp.asarray(scst.BANNED)].set(decoding.NEG)
+  probs = np.exp(np.asarray(decoding.policy_log_prob(
+      jnp.broadcast_to(logits, (v, v)), jnp.arange(v), banned)))
+  assert probs[list(scst.BANNED)].max() < 1e-6 and probs.sum() == pytest.approx(1.0)
   counts = np.bincount(np.asarray(samples)[0, :, 0], minlength=len(VOCAB)) / 4000
-  np.testing.assert_allclose(counts, probs[0], atol=0.025)
+  np.testing.assert_allclose(counts, probs, atol=0.025)
+
+
+@pytest.mark.parametrize('name', sorted(DECODERS))
+def test_the_samplers_log_probs_and_pullback_are_a_teacher_forced_passs(name):
+  """The gradient comes from the sampling scan's own forward pass: its log-probs and the
+  pullback of any weighting of them equal those of a teacher-forced pass over the samples."""
+  model, state, pixels = _toy(name)
+  variables = state_lib.variables(state)
+  draws = _sampler(model)(variables, pixels, jax.random.key(3))
+  weights = jax.random.normal(jax.random.key(4), (3, K))
+  reference, grads = jax.value_and_grad(lambda p: (weights * _teacher_forced_log_probs(
+      model, state_lib.variables(state, p), pixels, draws.samples)).sum())(state.params)
+  np.testing.assert_allclose((weights * draws.log_probs).sum(), reference, rtol=1e-5)
+  (pulled,) = draws.pullback(weights)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               pulled, grads)
 
 
 @pytest.mark.parametrize('name', sorted(DECODERS))
@@ -168,39 +202,38 @@ def test_an_scst_step_weights_each_sample_by_its_advantage(name):
   """On every decoder: a zero advantage gives a zero gradient, and a positive one raises the
   log-probability of that sample (the step moves the policy towards it)."""
   model, state, pixels = _toy(name)
-  samples, _ = _sampler(model)(state_lib.variables(state), pixels, jax.random.key(3))
-  step = jax.jit(functools.partial(steps.scst_train_step, from_features=False))
-  batch = lambda adv: {'image': pixels, 'samples': samples, 'advantages': adv}
-  _, still = step(state, batch(jnp.zeros((3, K))), jax.random.key(0))
+  draws = _sampler(model)(state_lib.variables(state), pixels, jax.random.key(3))
+  step = jax.jit(steps.scst_train_step)
+  _, still = step(state, _step_batch(draws, jnp.zeros((3, K))), jax.random.key(0))
   assert float(still['grad_norm']) == 0.0
   towards = jnp.zeros((3, K)).at[:, 0].set(1.0)
-  moved, metrics = step(state, batch(towards), jax.random.key(0))
-  _, after = step(moved, batch(towards), jax.random.key(0))
+  moved, metrics = step(state, _step_batch(draws, towards), jax.random.key(0))
   assert np.isfinite(float(metrics['scst_loss'])) and float(metrics['grad_norm']) > 0
-  # The loss is -mean(advantage * log p): it falls as the favoured samples get likelier.
-  assert float(after['scst_loss']) < float(metrics['scst_loss'])
+  # The loss is -mean(advantage * log p): the favoured samples got likelier.
+  before, after = (_teacher_forced_log_probs(model, state_lib.variables(s), pixels,
+                                             draws.samples)[:, 0] for s in (state, moved))
+  assert (after > before).all(), (before, after)
 
 
 def _expected_reward(sample, state, pixels, rewards, draws=16):
   """Monte-Carlo estimate of E[CIDEr-D] of the model's samples: draws x K per image."""
   total = 0.0
   for d in range(draws):
-    samples, _ = sample(state_lib.variables(state), pixels, jax.random.key(1000 + d))
+    samples = sample(state_lib.variables(state), pixels, jax.random.key(1000 + d)).samples
     total += rewards(np.arange(len(pixels)), np.asarray(samples)).mean()
   return total / draws
 
 
 def test_scst_steps_raise_the_expected_reward_of_a_toy_captioner(rewards):
   model, state, pixels = _toy('inject', learning_rate=0.1)
-  sample, step = _sampler(model), jax.jit(functools.partial(steps.scst_train_step,
-                                                             from_features=False))
+  sample, step = _sampler(model), jax.jit(steps.scst_train_step)
   before = _expected_reward(sample, state, pixels, rewards)
   for t in range(40):
-    samples, greedy = sample(state_lib.variables(state), pixels, jax.random.key(t))
-    r = rewards(np.arange(3), np.asarray(samples))
-    adv = scst.advantages(r, rewards(np.arange(3), np.asarray(greedy)[:, None])[:, 0], 'mean')
-    state, _ = step(state, {'image': pixels, 'samples': samples,
-                            'advantages': jnp.asarray(adv, jnp.float32)}, jax.random.key(0))
+    draws = sample(state_lib.variables(state), pixels, jax.random.key(t))
+    r = rewards(np.arange(3), np.asarray(draws.samples))
+    greedy_r = rewards(np.arange(3), np.asarray(draws.greedy)[:, None])[:, 0]
+    state, _ = step(state, _step_batch(draws, scst.advantages(r, greedy_r, 'mean')),
+                    jax.random.key(0))
   after = _expected_reward(sample, state, pixels, rewards)
   assert after > 2 * before, (before, after)
 
@@ -229,17 +262,21 @@ SHARDED_SCRIPT = textwrap.dedent('''
       mesh = sharding.make_mesh(devices)
       state = jax.device_put(state0, sharding.replicated(mesh)(state0))
       state_sh = sharding.replicated(mesh)(state)
-      step = jax.jit(functools.partial(steps.scst_train_step, from_features=False),
-                     in_shardings=(state_sh, sharding.batch_sharding(mesh), None),
+      # As the loop compiles a prepared phase's step: the batch keeps its own shardings.
+      step = jax.jit(steps.scst_train_step, in_shardings=(state_sh, None, None),
                      out_shardings=(state_sh, None))
+      drawn = []
+      def sampler(*args):
+        drawn.append(t._sampler(model)(*args))
+        return drawn[-1]
       step_batch, host = scst.prepare_batch(state, sharding.put_batch(batch, mesh),
-                                            jax.random.key(1), 3, sampler=t._sampler(model),
+                                            jax.random.key(1), 3, sampler=sampler,
                                             rewards=rewards, baseline='mean',
                                             input_key='image')
-      assert len(step_batch['samples'].sharding.device_set) == len(devices)
+      assert len(drawn[0].samples.sharding.device_set) == len(devices)
       assert len(step_batch['advantages'].sharding.device_set) == len(devices)
       state, metrics = step(state, step_batch, jax.random.key(0))
-      return jax.device_get((step_batch['samples'], step_batch['advantages'], host,
+      return jax.device_get((drawn[0].samples, step_batch['advantages'], host,
                              state.params, metrics))
 
     s4, a4, h4, p4, m4 = run(jax.devices())
