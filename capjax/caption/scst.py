@@ -31,7 +31,6 @@ import numpy as np
 from absl import logging
 
 from capjax.caption import decoding, pipeline, steps
-from capjax.caption.config import BASELINES
 from capjax.data.tokenizer import Vocabulary, normalize
 from capjax.metrics.bleu import SentenceBleu
 from capjax.metrics.cider_d import CiderD
@@ -124,8 +123,8 @@ def prepare_batch(state, batch: dict, rng: jax.Array, step: int, *, sampler: Cal
   rewards on the host, and the batch of `steps.scst_train_step`: the advantages with the
   sampler's log-probs and pullback.
 
-  The advantages are put on device with the batch's sharding. Every process scores the whole global batch (cheap) so that each holds the
-  advantages of its own rows.
+  The advantages are put on device with the batch's sharding. Every process scores the whole
+  global batch (cheap) so that each holds the advantages of its own rows.
   """
   key = jax.random.fold_in(jax.random.fold_in(rng, _SAMPLING_STREAM), step)
   draws = sampler(state_lib.variables(state), batch[input_key], key)

@@ -26,7 +26,7 @@ import pytest
 from helpers import runs as rh
 from helpers.pause import pause_after
 from capjax.errors import UserError
-from capjax.train import checkpoint, logs, loop
+from capjax.train import checkpoint, guard, logs, loop
 from capjax.train import state as state_lib
 
 BATCH, STEPS = 4, 10
@@ -200,7 +200,7 @@ def test_checkpoints_that_do_not_fit_the_model_are_an_error_and_are_left_in_plac
 def test_nan_under_stop_names_the_step_saves_nothing_after_it_and_keeps_the_last_checkpoint(
     tmp_path):
   workdir = str(tmp_path / 'run')
-  with pytest.raises(loop.TrainingDiverged, match=r'NaN/Inf at step 7, .*\(step 5\) is intact'):
+  with pytest.raises(guard.TrainingDiverged, match=r'NaN/Inf at step 7, .*\(step 5\) is intact'):
     loop.train(job(poison_step=7), config(), workdir)
   assert rh.checkpoint_steps(workdir) == [5]
   saved = rh.read_state(workdir, 5)
@@ -225,7 +225,7 @@ def test_guarded_step_selects_the_old_state_inside_jit_when_the_update_is_not_fi
   tx = loop.make_optimizer(config().optim, 10)
   state = state_lib.create(model, tx, jax.random.key(0), jnp.zeros((1, 3)))
   health = {'step': jnp.int32(0), 'nonfinite': jnp.int32(0), 'first_bad': jnp.int32(-1)}
-  step = jax.jit(lambda s, h, b: loop.guarded_step(regression_step, s, h, b, None,
+  step = jax.jit(lambda s, h, b: guard.guarded_step(regression_step, s, h, b, None,
                                                    nan_policy='skip'))
   good = {'x': jnp.ones((BATCH, 3)), 'y': jnp.ones((BATCH,))}
   bad = {'x': good['x'].at[0, 0].set(jnp.inf), 'y': good['y']}
