@@ -56,8 +56,8 @@ class MetricWriter:
       return
     try:
       self._tb.close()
-    # A full disk: metrics.jsonl holds the scalars; TensorBoard loses its tail.
     except OSError as e:
+      # A full disk: metrics.jsonl holds the scalars; TensorBoard loses its tail.
       logging.warning('Could not finish the TensorBoard event file in %s: %s', self._tb.logdir, e)
       # tensorboardX leaves a writer whose final flush failed open: its atexit hook would flush
       # it again, and its worker thread would die at interpreter exit, each printing a traceback
