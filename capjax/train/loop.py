@@ -186,7 +186,7 @@ class Trainer:
     restored = checkpoint.restore_latest(self.checkpoints, self.state, set_aside=True)
     data_state = {} if restored is None else restored[1]
     self.guard = guard.Health(self.nan_policy, int(data_state.get('nonfinite_steps', 0)),
-                         self.checkpoints.directory)
+                              self.checkpoints.directory)
     if restored is None:
       return 0, 0.0, self.guard.reported, None
     self.state, _, step = restored
