@@ -139,8 +139,14 @@ def prepare_batch(state, batch: dict, rng: jax.Array, step: int, *, sampler: Cal
   metrics = {'sample_reward': float(sample_rewards.mean()),
              'greedy_reward': float(greedy_rewards.mean()),
              **sample_statistics(samples_host, rewards.end_id)}
-  return {'advantages': advantage_device, 'log_probs': draws.log_probs,
-          'pullback': draws.pullback}, metrics
+  return step_batch(draws, advantage_device), metrics
+
+
+def step_batch(draws: decoding.Draws, advantages_BxK) -> dict:
+  """The batch of `steps.scst_train_step`: the advantages of the sampler's draws, with the
+  draws' log-probs and the pullback that turns them into the gradient."""
+  return {'advantages': advantages_BxK, 'log_probs': draws.log_probs,
+          'pullback': draws.pullback}
 
 
 def optimizer(config, steps_: int):

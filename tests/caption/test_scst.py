@@ -138,8 +138,7 @@ def _teacher_forced_log_probs(model, variables, pixels, samples_BxKxT):
 
 
 def _step_batch(draws, advantages):
-  return {'advantages': jnp.asarray(advantages, jnp.float32), 'log_probs': draws.log_probs,
-          'pullback': draws.pullback}
+  return scst.step_batch(draws, jnp.asarray(advantages, jnp.float32))
 
 
 def test_sampling_is_reproducible_from_the_rng_and_its_greedy_captions_are_greedy():
