@@ -98,9 +98,10 @@ def get_config(arg=None):
   # num_samples sampled captions per image, minus a baseline: 'mean' of the image's other
   # samples (Luo 2020; better than 'greedy' in every model of ruotianluo's zoo) or 'greedy'
   # (Rennie 2017). bleu_weight adds that many times the sample's sentence BLEU-4 to its reward.
-  # Its own constant learning rate and a fresh optimizer state.
+  # Its own constant learning rate and a fresh optimizer state. train_encoder=False keeps the
+  # encoder as cross-entropy left it (no backward pass through it: a cheaper step).
   c.scst = ml_collections.ConfigDict(dict(learning_rate=5e-5, num_samples=5, baseline='mean',
-                                          bleu_weight=0.0))
+                                          bleu_weight=0.0, train_encoder=True))
   c.optim = ml_collections.ConfigDict(dict(
       name='adamw', learning_rate=2e-3, warmup_steps=100, final_lr_fraction=0.02,
       weight_decay=1e-4, b1=0.9, b2=0.999, momentum=0.9, grad_clip_norm=1.0,

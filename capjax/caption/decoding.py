@@ -163,7 +163,7 @@ class Draws(NamedTuple):
 
 
 def make_sampler_fn(model, *, num_samples: int, max_len: int, end_id: int, banned_ids=(),
-                    from_features: bool = False):
+                    from_features: bool = False, train_encoder: bool = True):
   """jit(variables, images or cached features, rng) -> `Draws`: K samples per image with
   their log-probs and the pullback of those log-probs to variables['params'], and the greedy
   captions (the 'greedy' baseline's, and the logged greedy reward), encoding once.
@@ -173,15 +173,21 @@ def make_sampler_fn(model, *, num_samples: int, max_len: int, end_id: int, banne
   sampling scan itself, instead of a teacher-forced pass over the samples afterwards, saves
   that pass: the photo default's SCST step (sampler + gradient) took 2.0 s instead of 2.5-3.4 s
   on a 2-core AVX2 EPYC (docs/performance.md).
+
+  With `train_encoder=False` the images are encoded outside the differentiated function: the
+  pullback gives the encoder a zero gradient and the backward pass never runs through it.
   """
+  encode_inside = not from_features and train_encoder
 
   @jax.jit
   def run(variables, inputs, rng):
     rest = {k: v for k, v in variables.items() if k != 'params'}
+    fixed = inputs if from_features or encode_inside else model.apply(
+        variables, inputs, method='encode')
 
     def policy(params):
       v = {'params': params, **rest}
-      features = inputs if from_features else model.apply(v, inputs, method='encode')
+      features = model.apply(v, inputs, method='encode') if encode_inside else fixed
       samples, log_probs = sample(model.apply, v, features, rng, num_samples=num_samples,
                                   max_len=max_len, end_id=end_id, banned_ids=banned_ids)
       return log_probs, (samples, features)

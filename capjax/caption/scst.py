@@ -167,17 +167,18 @@ def phase(config, model, vocab: Vocabulary, train_source, train_captions, *, inp
                len(train_captions), bleu_weight)
   rewards = CaptionRewards(vocab, train_captions, bleu_weight=bleu_weight)
   from_features = input_key == 'features'
+  train_encoder = bool(config.scst.get('train_encoder', True))
   sampler = decoding.make_sampler_fn(
       model, num_samples=int(config.scst.num_samples),
       max_len=config.data.caption_length - 1, end_id=vocab.end_id, banned_ids=BANNED,
-      from_features=from_features)
+      from_features=from_features, train_encoder=train_encoder)
   data = pipeline.caption_scst_dataset(
       train_source, batch_size=config.train.batch_size, seed=config.seed, image_fn=image_fn,
       input_key=input_key, flip=bool(config.data.get('flip', False)) and not from_features,
       crop_min_area=float(config.data.get('crop_min_area', 1.0)))
   return loop.Phase(
       name=PHASE, steps=int(config.train.scst_steps), train_data=data,
-      train_step=steps.scst_train_step,
+      train_step=functools.partial(steps.scst_train_step, train_encoder=train_encoder),
       optimizer=optimizer(config, int(config.train.scst_steps)),
       prepare=functools.partial(prepare_batch, sampler=sampler, rewards=rewards,
                                 baseline=config.scst.baseline, input_key=input_key))

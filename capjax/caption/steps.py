@@ -142,7 +142,7 @@ def caption_eval_step(state: TrainState, batch: dict):
   return {'loss_sum': ce, 'correct_sum': correct, 'token_count': count}
 
 
-def scst_train_step(state: TrainState, batch: dict, rng: jax.Array):
+def scst_train_step(state: TrainState, batch: dict, rng: jax.Array, train_encoder: bool = True):
   """One self-critical step (Rennie et al., 2017): the REINFORCE gradient of the expected
   reward, with the baseline already subtracted on the host.
 
@@ -153,6 +153,8 @@ def scst_train_step(state: TrainState, batch: dict, rng: jax.Array):
   per token, so it is exactly the gradient of the mean expected reward and a long caption's
   tokens are not down-weighted. The gradient is the pullback of d loss / d log p, so it is
   that of the policy that drew the samples, from the sampler's own forward pass.
+  With `train_encoder=False` params['encoder'] is kept as it was (its gradient is zero, and
+  this also spares it the optimizer's weight decay).
   """
   del rng  # The samples carry the randomness; the forward pass had none.
   advantages_BxK = batch['advantages'].astype(jnp.float32)
@@ -160,4 +162,7 @@ def scst_train_step(state: TrainState, batch: dict, rng: jax.Array):
   (grads,) = batch['pullback'](-advantages_BxK / advantages_BxK.size)
   metrics = {'scst_loss': -(advantages_BxK * log_p_BxK).mean(),
              'sample_log_prob': log_p_BxK.mean(), 'grad_norm': optax.tree.norm(grads)}
-  return state.apply_gradients(grads=grads), metrics
+  new_state = state.apply_gradients(grads=grads)
+  if not train_encoder and 'encoder' in state.params:
+    new_state = new_state.replace(params={**new_state.params, 'encoder': state.params['encoder']})
+  return new_state, metrics

@@ -1,5 +1,6 @@
 """Self-critical training's parts: rewards (CIDEr-D with <end> counted), advantages, the
 sampler, the SCST step on every decoder, and the expected reward it raises on a toy model."""
+import functools
 import os
 import subprocess
 import sys
@@ -194,6 +195,32 @@ def test_the_samplers_log_probs_and_pullback_are_a_teacher_forced_passs(name):
   (pulled,) = draws.pullback(weights)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                pulled, grads)
+
+
+def test_with_the_encoder_frozen_the_decoder_gets_the_same_gradient_and_the_encoder_none():
+  """scst.train_encoder=False: the same samples and log-probs, the decoder's gradient of the
+  full pullback, a zero gradient for the encoder, and a step that leaves the encoder as it
+  was while it moves the rest."""
+  model, state, pixels = _toy('attention')
+  variables = state_lib.variables(state)
+  frozen_sampler = decoding.make_sampler_fn(model, num_samples=K, max_len=MAX_LEN, end_id=END,
+                                            banned_ids=scst.BANNED, train_encoder=False)
+  full, frozen = (s(variables, pixels, jax.random.key(3)) for s in (_sampler(model),
+                                                                     frozen_sampler))
+  np.testing.assert_array_equal(full.samples, frozen.samples)
+  np.testing.assert_allclose(full.log_probs, frozen.log_probs, rtol=1e-6)
+  weights = jax.random.normal(jax.random.key(4), (3, K))
+  (full_grads,), (frozen_grads,) = full.pullback(weights), frozen.pullback(weights)
+  assert optax.tree.norm(full_grads['encoder']) > 0
+  assert float(optax.tree.norm(frozen_grads['encoder'])) == 0.0
+  rest = lambda g: {k: v for k, v in g.items() if k != 'encoder'}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               rest(frozen_grads), rest(full_grads))
+  step = jax.jit(functools.partial(steps.scst_train_step, train_encoder=False))
+  moved, _ = step(state, _step_batch(frozen, weights), jax.random.key(0))
+  jax.tree.map(np.testing.assert_array_equal, moved.params['encoder'], state.params['encoder'])
+  assert optax.tree.norm(jax.tree.map(jnp.subtract, rest(moved.params),
+                                      rest(state.params))) > 0
 
 
 @pytest.mark.parametrize('name', sorted(DECODERS))
