@@ -100,8 +100,10 @@ def get_config(arg=None):
   # (Rennie 2017). bleu_weight adds that many times the sample's sentence BLEU-4 to its reward.
   # Its own constant learning rate and a fresh optimizer state. train_encoder=False keeps the
   # encoder as cross-entropy left it (no backward pass through it: a cheaper step).
-  c.scst = ml_collections.ConfigDict(dict(learning_rate=5e-5, num_samples=5, baseline='mean',
-                                          bleu_weight=0.0, train_encoder=True))
+  # crop_min_area: the random crops of its training images (None: data.crop_min_area's).
+  c.scst = ml_collections.ConfigDict(dict(
+      learning_rate=5e-5, num_samples=5, baseline='mean', bleu_weight=0.0, train_encoder=True,
+      crop_min_area=ml_collections.FieldReference(None, field_type=float)))
   c.optim = ml_collections.ConfigDict(dict(
       name='adamw', learning_rate=2e-3, warmup_steps=100, final_lr_fraction=0.02,
       weight_decay=1e-4, b1=0.9, b2=0.999, momentum=0.9, grad_clip_norm=1.0,

@@ -158,6 +158,12 @@ def optimizer(config, steps_: int):
   return make_optimizer(optim, steps_)
 
 
+def crop_min_area(config) -> float:
+  """The random-crop fraction of the SCST phase's images: config.scst's, else config.data's."""
+  own = config.scst.get('crop_min_area')
+  return float(config.data.get('crop_min_area', 1.0) if own is None else own)
+
+
 def phase(config, model, vocab: Vocabulary, train_source, train_captions, *, input_key: str,
           image_fn=None) -> loop.Phase:
   """The SCST phase of config.train.scst_steps steps on the train split."""
@@ -175,7 +181,7 @@ def phase(config, model, vocab: Vocabulary, train_source, train_captions, *, inp
   data = pipeline.caption_scst_dataset(
       train_source, batch_size=config.train.batch_size, seed=config.seed, image_fn=image_fn,
       input_key=input_key, flip=bool(config.data.get('flip', False)) and not from_features,
-      crop_min_area=float(config.data.get('crop_min_area', 1.0)))
+      crop_min_area=crop_min_area(config))
   return loop.Phase(
       name=PHASE, steps=int(config.train.scst_steps), train_data=data,
       train_step=functools.partial(steps.scst_train_step, train_encoder=train_encoder),

@@ -104,6 +104,16 @@ def test_mean_baseline_with_one_sample_is_one_user_error_naming_the_flags():
   caption_config.validate(config)
 
 
+def test_the_scst_phase_crops_as_the_data_config_unless_scst_sets_its_own():
+  config = rh.load_config('caption', 'dataset=flickr8k')
+  assert scst.crop_min_area(config) == config.data.crop_min_area == 0.5
+  config.scst.crop_min_area = 1.0
+  assert scst.crop_min_area(config) == 1.0 and config.data.crop_min_area == 0.5
+  config.scst.crop_min_area = 0.0
+  with pytest.raises(UserError, match=r'--config.scst.crop_min_area=0.0 .* fraction in \(0, 1\]'):
+    caption_config.validate(config)
+
+
 DECODERS = {
     'inject': lambda v: decoder.InjectDecoder(v, 8, 16, every_step=True),
     'merge': lambda v: decoder.MergeDecoder(v, 8, 16),
