@@ -17,14 +17,14 @@ field of `--mode=bench`'s); DIR/accelerator_check.md the same items as a Markdow
 that fails (out of memory, an unsupported dtype...) gets its one-sentence 'error' and the check
 goes on; the exit status is nonzero only when no item ran. --quick shrinks everything to a
 smoke run of a minute or two on a CPU (tiny batches, a few steps); CI runs it. See
-docs/accelerators.md.
+docs/accelerators.md. What it runs is capjax.tools.accelerator_items; the Markdown table is
+capjax.tools.accelerator_report's.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
 import dataclasses
-import datetime
 import gc
 import json
 import os
@@ -38,129 +38,19 @@ import time
 from collections.abc import Sequence
 
 from capjax.errors import UserError
+from capjax.tools.accelerator_items import BenchItem, TrainItem, bench_items, train_items
+from capjax.tools.accelerator_report import summary, to_markdown
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JSONL_FILE = 'accelerator_check.jsonl'
 MARKDOWN_FILE = 'accelerator_check.md'
-DTYPES = ('float32', 'bfloat16')
-SHORT_DTYPE = {'float32': 'f32', 'bfloat16': 'bf16'}
-QUICK_BATCH = 2  # --quick: every benchmark at this batch (compiling dominates on a CPU).
 # The 8 minutes the full check must fit in on one H200, less the item still running when it
 # is spent (a bench item, or a training run's remaining time).
 DEFAULT_BUDGET_S = 450.0
-GIB = 2 ** 30
-# Eval metrics shown in the Markdown table (the JSONL row keeps all of eval.json's numbers).
-HEADLINE_METRICS = {'caption': ('exact_scene_accuracy', 'bleu_4', 'cider'),
-                    'classify': ('top1_accuracy', 'top5_accuracy', 'macro_auc')}
-
-
-@dataclasses.dataclass(frozen=True)
-class BenchItem:
-  """One peer benchmark at one dtype and batch.
-
-  batch_size: the batch, or 0 for the peer's own (each task's builder knows it).
-  batch_scale: > 0 for a device-sized batch: this many times the peer's batch, which the same
-    task's peer-batch item reports when it runs (so the peer shapes live in one place only).
-  """
-  task: str
-  dtype: str
-  batch_label: str  # 'peer', 'device' or 'quick'.
-  steps: int
-  warmup: int
-  batch_size: int = 0
-  batch_scale: int = 0
-
-  @property
-  def name(self) -> str:
-    return f'{self.task}_{SHORT_DTYPE.get(self.dtype, self.dtype)}_{self.batch_label}'
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainItem:
-  """One training + evaluation run of launch.py in its own workdir under --out."""
-  name: str
-  task: str
-  config: str  # configs/<task>.py[:args], relative to the checkout.
-  overrides: tuple[str, ...]  # --config.x=y flags.
-  timeout_s: float
 
 
 class ItemFailed(Exception):
   """An item that could not run, with the one sentence its row's 'error' shows."""
-
-
-def device_batch_scale(platform: str, memory_bytes: int | None) -> int:
-  """How many times the peer's batch a device-sized benchmark runs at.
-
-  The peer's batches (32-256) fill a CPU already, so there the device batch is the peer's and
-  the check runs one batch. An accelerator's throughput keeps growing with the batch until its
-  memory or compute is full; the largest peer item at 8x (ResNet50 inference on 256 images of
-  224 px, a few GB) fits a 64 GB device with room for XLA's temporaries, 4x a 16 GB one. A
-  device that does not report its memory gets 4x.
-  """
-  if platform == 'cpu':
-    return 1
-  if memory_bytes is None:
-    return 4
-  if memory_bytes >= 64 * GIB:
-    return 8
-  if memory_bytes >= 16 * GIB:
-    return 4
-  return 2
-
-
-def bench_items(quick: bool, platform: str, memory_bytes: int | None,
-                tasks: Sequence[str] = ('classify', 'caption', 'encode', 'greedy')
-                ) -> list[BenchItem]:
-  """The benchmark items, float32 first: per task its peer batch, then its device batch
-  (where that differs); --quick: every task at QUICK_BATCH for 2 timed steps."""
-  if quick:
-    return [BenchItem(t, d, 'quick', steps=2, warmup=1, batch_size=QUICK_BATCH)
-            for d in DTYPES for t in tasks]
-  # A CPU step takes 0.05-3 s, an accelerator's milliseconds: more steps there for a stable
-  # median in about the same time.
-  steps, warmup = (10, 3) if platform == 'cpu' else (20, 5)
-  scale = device_batch_scale(platform, memory_bytes)
-  items = []
-  for dtype in DTYPES:
-    for task in tasks:
-      items.append(BenchItem(task, dtype, 'peer', steps, warmup))
-      if scale > 1:
-        items.append(BenchItem(task, dtype, 'device', steps, warmup, batch_scale=scale))
-  return items
-
-
-def _schedule(steps: int, log_every: int) -> tuple[str, ...]:
-  """launch.py flags for a run of `steps` steps: progress lines every `log_every` steps (the
-  steady steps/s is read from them), one checkpoint at the end, no validation passes (the
-  test split is evaluated once training ends)."""
-  return (f'--config.train.steps={steps}', f'--config.train.log_every={log_every}',
-          f'--config.train.checkpoint_every={steps}', '--config.train.eval_every=0')
-
-
-def train_items(quick: bool) -> list[TrainItem]:
-  """A short captioning and a short classification run (training + test-split evaluation).
-
-  Full: the shapes defaults (model, optimizer, beam search) for a few hundred steps, on
-  6,000 generated training images rather than 20,000/15,000 (generating those takes about a
-  minute of CPU each). --quick: the configs' runlocal variants for 6 steps.
-  """
-  if quick:
-    return [
-        TrainItem('caption_train', 'caption', 'configs/caption.py:runlocal',
-                  _schedule(6, 2) + ('--config.eval.num_samples=2',
-                                     '--config.eval.attention_plots=0'), timeout_s=300),
-        TrainItem('classify_train', 'classify', 'configs/classify.py:runlocal',
-                  _schedule(6, 2), timeout_s=300)]
-  return [
-      TrainItem('caption_train', 'caption', 'configs/caption.py',
-                _schedule(400, 50) + ('--config.shapes.num_train=6000',
-                                      '--config.shapes.num_validation=100',
-                                      '--config.shapes.num_test=500'), timeout_s=300),
-      TrainItem('classify_train', 'classify', 'configs/classify.py',
-                _schedule(300, 50) + ('--config.shapes30.num_train=6000',
-                                      '--config.shapes30.num_validation=300',
-                                      '--config.shapes30.num_test=1500'), timeout_s=300)]
 
 
 def one_sentence(error: BaseException) -> str:
@@ -374,61 +264,6 @@ def run_check(train: Sequence[TrainItem], benchmarks: Sequence[BenchItem], ctx: 
     return training.result() + bench_rows
 
 
-def _summary(row: dict) -> str:
-  if 'error' in row:
-    return f"{row['item']}: error: {row['error']}"
-  rate = row.get('examples_per_s')
-  speed = f"{rate:.1f} examples/s" if rate else 'no steady rate'
-  return f"{row['item']}: {speed}, {row['wall_s']:.1f} s"
-
-
-# --- Output ----------------------------------------------------------------------------------
-
-
-def _number(value, digits: int = 1) -> str:
-  return '' if value is None else f'{value:,.{digits}f}'
-
-
-def _notes(row: dict) -> str:
-  if 'error' in row:
-    return 'error: ' + row['error'].replace('|', '\\|')
-  if row['kind'] == 'train':
-    metrics = row.get('eval', {})
-    shown = [f'{m} {metrics[m]:.3f}' for m in HEADLINE_METRICS.get(row['task'], ())
-             if m in metrics]
-    return ', '.join(shown + [f"{row.get('steps')} steps"])
-  if row.get('tokens_per_s'):
-    return f"{row['tokens_per_s']:,.0f} tokens/s"
-  return ''
-
-
-def to_markdown(rows: Sequence[dict], environment: dict, command: str) -> str:
-  """The check's report: what it ran on, then one table line per item."""
-  env = environment
-  memory = env.get('device_memory_bytes')
-  lines = [
-      f"# capjax accelerator check, {datetime.date.today().isoformat()}", '',
-      f"`{command}`", '',
-      f"- device: {env.get('n_devices', '?')} x {env.get('device_kind', '?')}"
-      + (f' ({memory / GIB:.0f} GiB)' if memory else '')
-      + f", backend {env.get('backend', '?')}",
-      f"- jax {env.get('jax', '?')}, jaxlib {env.get('jaxlib', '?')}, "
-      f"Python {env.get('python', '?')}",
-      f"- host CPU: {env.get('cpu_model', '?')}", '',
-      '| item | dtype | batch | step (ms) | examples/s | MFU | wall (s) | notes |',
-      '|---|---|---:|---:|---:|---:|---:|---|']
-  for r in rows:
-    mfu = r.get('mfu')
-    batch = r.get('batch_size')
-    lines.append('| ' + ' | '.join([
-        r['item'], r.get('dtype') or '',
-        f"{batch} ({r['batch_label']})" if batch and r.get('batch_label') else _number(batch, 0),
-        _number(r.get('step_ms')), _number(r.get('examples_per_s')),
-        '' if mfu is None else f'{100 * mfu:.1f}%', _number(r.get('wall_s')),
-        _notes(r)]) + ' |')
-  return '\n'.join(lines) + '\n'
-
-
 # --- The command -----------------------------------------------------------------------------
 
 _PROBE = """
@@ -541,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   def on_row(row):
     with lock:
       done[row['item']] = row
-      print(f"[{len(done)}/{len(order)}] {_summary(row)}", flush=True)
+      print(f"[{len(done)}/{len(order)}] {summary(row)}", flush=True)
       # After every item: an interrupted check keeps what it measured.
       write([done[n] for n in order if n in done], environment)
 

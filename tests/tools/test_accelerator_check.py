@@ -11,6 +11,7 @@ import pytest
 
 from helpers import runs as rh
 from capjax.tools import accelerator_check as ac
+from capjax.tools import accelerator_items as ac_items
 
 GIB = 2 ** 30
 
@@ -31,7 +32,7 @@ def quick_check(tmp_path_factory):
 
 def test_quick_check_has_a_row_per_item_each_with_a_positive_rate(quick_check):
   out, rows, _, stdout = quick_check
-  expected = [*ac.train_items(quick=True), *ac.bench_items(True, 'cpu', None)]
+  expected = [*ac_items.train_items(quick=True), *ac_items.bench_items(True, 'cpu', None)]
   assert [r['item'] for r in rows] == [i.name for i in expected]
   assert len(rows) == 2 + 4 * 2  # Two trainings; four tasks in f32 and bf16.
   for row in rows:
@@ -46,11 +47,11 @@ def test_quick_bench_rows_keep_the_bench_fields_at_their_dtype_and_batch(quick_c
   _, rows, _, _ = quick_check
   bench_rows = [r for r in rows if r['kind'] == 'bench']
   assert {(r['task'], r['dtype']) for r in bench_rows} == {
-      (t, d) for t in ('classify', 'caption', 'encode', 'greedy') for d in ac.DTYPES}
+      (t, d) for t in ('classify', 'caption', 'encode', 'greedy') for d in ac_items.DTYPES}
   for row in bench_rows:
-    assert row['batch_size'] == ac.QUICK_BATCH and row['batch_label'] == 'quick'
+    assert row['batch_size'] == ac_items.QUICK_BATCH and row['batch_label'] == 'quick'
     assert row['flops_per_step'] > 0 and row['mfu'] > 0 and row['peak_flops'] > 0
-    assert row['step_ms'] == pytest.approx(1000 * ac.QUICK_BATCH / row['examples_per_s'])
+    assert row['step_ms'] == pytest.approx(1000 * ac_items.QUICK_BATCH / row['examples_per_s'])
 
 
 def test_quick_trainings_leave_their_workdirs_and_eval_metrics(quick_check):
@@ -85,12 +86,12 @@ def test_a_failing_item_gets_its_error_and_the_next_items_still_run(tmp_path):
                    environment={'backend': 'cpu'}, deadline=time.monotonic() + 600,
                    budget_s=600, peaks={'cpu': {'peak_flops': 1e11, 'peak_source': 'given'}})
   items = [
-      ac.BenchItem('no_such_task', 'float32', 'quick', steps=1, warmup=0, batch_size=1),
-      ac.TrainItem('broken_train', 'caption', 'configs/caption.py:runlocal',
+      ac_items.BenchItem('no_such_task', 'float32', 'quick', steps=1, warmup=0, batch_size=1),
+      ac_items.TrainItem('broken_train', 'caption', 'configs/caption.py:runlocal',
                    ('--config.train.steps=0',), timeout_s=60),
       # Its peer-batch item never ran, so its batch cannot be known.
-      ac.BenchItem('greedy', 'float32', 'device', steps=1, warmup=0, batch_scale=4),
-      ac.BenchItem('greedy', 'float32', 'quick', steps=1, warmup=0, batch_size=1),
+      ac_items.BenchItem('greedy', 'float32', 'device', steps=1, warmup=0, batch_scale=4),
+      ac_items.BenchItem('greedy', 'float32', 'quick', steps=1, warmup=0, batch_size=1),
   ]
   seen = []
   rows = ac.run_items(items, ctx, on_row=lambda r: seen.append(r['item']))
@@ -106,7 +107,7 @@ def test_a_failing_item_gets_its_error_and_the_next_items_still_run(tmp_path):
 def test_no_item_starts_once_the_budget_is_spent(tmp_path):
   ctx = ac.Context(out=str(tmp_path), tfds_dir=str(tmp_path), environment={},
                    deadline=time.monotonic() - 1, budget_s=5)
-  rows = ac.run_items(ac.bench_items(True, 'cpu', None)[:2], ctx)
+  rows = ac.run_items(ac_items.bench_items(True, 'cpu', None)[:2], ctx)
   assert [r['error'] for r in rows] == ["not run: the check's time budget (--budget_s=5) was "
                                         'spent.'] * 2
 
@@ -128,11 +129,11 @@ def test_an_unwritable_out_is_one_error_line(tmp_path):
     ('gpu', 40 * GIB, 4), ('tpu', 16 * GIB, 4),  # A100 40 GB, TPU v5e
     ('gpu', 12 * GIB, 2), ('gpu', None, 4)])
 def test_device_batch_scale_by_platform_and_memory(platform, memory, scale):
-  assert ac.device_batch_scale(platform, memory) == scale
+  assert ac_items.device_batch_scale(platform, memory) == scale
 
 
 def test_full_items_on_a_gpu_take_each_task_at_the_peer_and_the_device_batch():
-  items = ac.bench_items(False, 'gpu', 141 * GIB)
+  items = ac_items.bench_items(False, 'gpu', 141 * GIB)
   assert len(items) == 4 * 2 * 2
   assert [i.name for i in items[:2]] == ['classify_f32_peer', 'classify_f32_device']
   assert all(i.batch_size == 0 and i.batch_scale == 0 for i in items if i.batch_label == 'peer')
@@ -142,18 +143,18 @@ def test_full_items_on_a_gpu_take_each_task_at_the_peer_and_the_device_batch():
 
 
 def test_full_items_on_a_cpu_run_the_peer_batch_only():
-  items = ac.bench_items(False, 'cpu', None)
+  items = ac_items.bench_items(False, 'cpu', None)
   assert [i.name for i in items] == [f'{t}_{d}_peer' for d in ('f32', 'bf16')
                                      for t in ('classify', 'caption', 'encode', 'greedy')]
   assert {(i.steps, i.warmup) for i in items} == {(10, 3)}
 
 
 def test_full_trainings_use_the_real_configs_for_a_few_hundred_steps():
-  caption, classify = ac.train_items(quick=False)
+  caption, classify = ac_items.train_items(quick=False)
   assert (caption.config, classify.config) == ('configs/caption.py', 'configs/classify.py')
   assert '--config.train.steps=400' in caption.overrides
   assert '--config.train.steps=300' in classify.overrides
-  for item in ac.train_items(quick=True):
+  for item in ac_items.train_items(quick=True):
     assert item.config.endswith(':runlocal') and '--config.train.steps=6' in item.overrides
 
 
@@ -162,7 +163,7 @@ def test_every_training_override_is_a_field_whose_value_the_task_accepts(quick):
   """The full check runs only where there is an accelerator: its launch.py flags are checked
   here against the configs' fields and the tasks' rules, as launch.py would check them."""
   from capjax import run
-  for item in ac.train_items(quick):
+  for item in ac_items.train_items(quick):
     name, _, arg = item.config[len('configs/'):].partition(':')
     config = rh.load_config(name.removesuffix('.py'), arg)
     for flag in item.overrides:
