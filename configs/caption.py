@@ -42,7 +42,8 @@ def get_config(arg=None):
   c.seed = 0
   c.dataset = arg.dataset
   c.data_dir = ml_collections.FieldReference(None, field_type=str)  # Root of a real data set.
-  c.tfds_dir = ml_collections.FieldReference(None, field_type=str)  # Prepared TFDS data; None: TFDS default.
+  # Prepared TFDS data; None: TFDS's default.
+  c.tfds_dir = ml_collections.FieldReference(None, field_type=str)
 
   c.shapes = ml_collections.ConfigDict(dict(
       image_size=64, num_train=20000, num_validation=500, num_test=1000, seed=0))

@@ -201,7 +201,8 @@ def test_launch_failure_is_one_sentence():
   assert ac.launch_failure(2, 'W some warning\nerror: --workdir is required.\n') == (
       'launch.py exited with status 2: --workdir is required.')
   traceback = 'Traceback (most recent call last):\n  File "x"\nMemoryError: out of memory\n'
-  assert ac.launch_failure(1, traceback) == 'launch.py exited with status 1: MemoryError: out of memory'
+  assert ac.launch_failure(1, traceback) == ('launch.py exited with status 1: '
+                                             'MemoryError: out of memory')
   assert ac.launch_failure(-9, '') == 'launch.py exited with status -9: no output'
 
 
