@@ -174,20 +174,19 @@ def make_sampler_fn(model, *, num_samples: int, max_len: int, end_id: int, banne
   that pass: the photo default's SCST step (sampler + gradient) took 2.0 s instead of 2.5-3.4 s
   on a 2-core AVX2 EPYC (docs/performance.md).
 
-  With `train_encoder=False` the images are encoded outside the differentiated function: the
-  pullback gives the encoder a zero gradient and the backward pass never runs through it.
+  With `train_encoder=False` the images are encoded with the params as given, not the
+  differentiated ones: the pullback gives the encoder a zero gradient and the backward pass
+  never runs through it.
   """
-  encode_inside = not from_features and train_encoder
 
   @jax.jit
   def run(variables, inputs, rng):
     rest = {k: v for k, v in variables.items() if k != 'params'}
-    fixed = inputs if from_features or encode_inside else model.apply(
-        variables, inputs, method='encode')
+    encode = lambda v: inputs if from_features else model.apply(v, inputs, method='encode')
 
     def policy(params):
       v = {'params': params, **rest}
-      features = model.apply(v, inputs, method='encode') if encode_inside else fixed
+      features = encode(v if train_encoder else variables)
       samples, log_probs = sample(model.apply, v, features, rng, num_samples=num_samples,
                                   max_len=max_len, end_id=end_id, banned_ids=banned_ids)
       return log_probs, (samples, features)

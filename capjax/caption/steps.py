@@ -153,8 +153,10 @@ def scst_train_step(state: TrainState, batch: dict, rng: jax.Array, train_encode
   per token, so it is exactly the gradient of the mean expected reward and a long caption's
   tokens are not down-weighted. The gradient is the pullback of d loss / d log p, so it is
   that of the policy that drew the samples, from the sampler's own forward pass.
-  With `train_encoder=False` params['encoder'] is kept as it was (its gradient is zero, and
-  this also spares it the optimizer's weight decay).
+  With `train_encoder=False` params['encoder'] is kept as it was: its gradient is zero, and
+  this also spares it the optimizer's weight decay. (Not optim.encoder_lr_scale=0's
+  optax.multi_transform: that would change the optimizer state's structure, which both phases'
+  checkpoints share.)
   """
   del rng  # The samples carry the randomness; the forward pass had none.
   advantages_BxK = batch['advantages'].astype(jnp.float32)
@@ -163,6 +165,6 @@ def scst_train_step(state: TrainState, batch: dict, rng: jax.Array, train_encode
   metrics = {'scst_loss': -(advantages_BxK * log_p_BxK).mean(),
              'sample_log_prob': log_p_BxK.mean(), 'grad_norm': optax.tree.norm(grads)}
   new_state = state.apply_gradients(grads=grads)
-  if not train_encoder and 'encoder' in state.params:
+  if not train_encoder:
     new_state = new_state.replace(params={**new_state.params, 'encoder': state.params['encoder']})
   return new_state, metrics
